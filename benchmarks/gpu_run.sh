@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: build (or reuse a carried build), run a tier of
+# GPU tests, and (tier bench) the benchmark. Logs go to $OUT (or ./gpu-logs).
+#
+#   bash benchmarks/gpu_run.sh smoke   # <= 2 min: GPU tests that need at most 2 GPUs
+#   bash benchmarks/gpu_run.sh full    # every GPU test
+#   bash benchmarks/gpu_run.sh bench   # full, then the benchmark
+#
+# The compiled library has no Python ABI, so one built on a CPU machine
+# (cmake -B build && cmake --build build) can be carried as build/libhybrid_ep_infer.so.
+set -uo pipefail
+tier=${1:-smoke}
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-logs}
+mkdir -p "$OUT"
+# NVLink multicast stays off on shared hosts (KINDS.md).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+{
+  date -u
+  nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv
+  nvidia-smi topo -m
+  python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpus", torch.cuda.device_count())'
+} 2>&1 | tee "$OUT/machine.txt"
+
+if [ ! -f build/libhybrid_ep_infer.so ]; then
+  echo "== building (system compiler; the /opt/gcc preset links libstdc++ statically)"
+  CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ \
+    cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release >"$OUT/build.log" 2>&1 &&
+    cmake --build build >>"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+fi
+export HYBRID_EP_INFER_LIBRARY=$PWD/build/libhybrid_ep_infer.so HYBRID_EP_INFER_EXPECT_LIBRARY=1
+
+status=0
+case "$tier" in
+  smoke) markers="gpu and not slow" ;;
+  full | bench) markers="gpu" ;;
+  *) echo "unknown tier $tier (smoke, full, bench)"; exit 2 ;;
+esac
+echo "== pytest -m '$markers'"
+python3 -m pytest tests -m "$markers" -q -rs --junitxml="$OUT/pytest-$tier.xml" 2>&1 | tee "$OUT/pytest-$tier.log"
+status=${PIPESTATUS[0]}
+
+if [ "$tier" = bench ] && python3 -c 'import hybrid_ep_infer.bench' 2>/dev/null; then
+  echo "== benchmark"
+  python3 -m hybrid_ep_infer.bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1
+fi
+exit "$status"

@@ -1,0 +1,168 @@
+// The C interface: argument checks, context lifetime and launches. Kernels live
+// in kernels/; this file only validates and forwards.
+#include <cstdarg>
+#include <cstdio>
+#include <new>
+#include <string>
+
+#include <cuda_runtime.h>
+
+#include "common/device_guard.h"
+#include "common/status.h"
+#include "context.h"
+#include "hybrid_ep_infer/hybrid_ep_infer.h"
+#include "kernels/validate_routing.cuh"
+
+#ifndef HEP_VERSION_STRING
+#define HEP_VERSION_STRING "unknown"
+#endif
+
+namespace hep {
+namespace {
+thread_local std::string last_error;
+}
+
+void set_last_error(const char* format, ...) {
+  char buffer[1024];
+  va_list args;
+  va_start(args, format);
+  std::vsnprintf(buffer, sizeof(buffer), format, args);
+  va_end(args);
+  last_error = buffer;
+}
+
+void clear_last_error() { last_error.clear(); }
+
+}  // namespace hep
+
+extern "C" {
+
+int hep_api_version(void) { return HEP_API_VERSION; }
+
+const char* hep_version_string(void) { return HEP_VERSION_STRING; }
+
+const char* hep_status_string(hep_status_t status) {
+  switch (status) {
+    case HEP_SUCCESS: return "success";
+    case HEP_INVALID_ARGUMENT: return "invalid argument";
+    case HEP_CUDA_ERROR: return "CUDA error";
+    case HEP_NOT_SUPPORTED: return "not supported";
+    case HEP_INTERNAL_ERROR: return "internal error";
+  }
+  return "unknown status";
+}
+
+const char* hep_last_error(void) { return hep::last_error.c_str(); }
+
+hep_status_t hep_context_create(const hep_context_config_t* config, hep_context_t** out) {
+  hep::clear_last_error();
+  HEP_REQUIRE(config != nullptr && out != nullptr, "hep_context_create: config and out must not be NULL");
+  HEP_REQUIRE(config->size == sizeof(hep_context_config_t) && config->version == HEP_API_VERSION,
+              "hep_context_create: config built for another library version (size %zu, version %u; "
+              "this library expects size %zu, version %d)",
+              config->size, config->version, sizeof(hep_context_config_t), HEP_API_VERSION);
+  *out = nullptr;
+
+  int device_count = 0;
+  HEP_CUDA_CALL(cudaGetDeviceCount(&device_count));
+  HEP_REQUIRE(config->device >= 0 && config->device < device_count,
+              "hep_context_create: device %d out of range (%d visible)", config->device, device_count);
+  hep::DeviceGuard guard(config->device);
+  HEP_CUDA_CALL(guard.status());
+
+  int major = 0;
+  HEP_CUDA_CALL(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, config->device));
+  if (major < 9) {
+    hep::set_last_error("hep_context_create: device %d has compute capability %d.x; this library is built "
+                        "for sm_90a (Hopper) and newer", config->device, major);
+    return HEP_NOT_SUPPORTED;
+  }
+
+  auto* context = new (std::nothrow) hep_context();
+  if (context == nullptr) {
+    hep::set_last_error("hep_context_create: out of host memory");
+    return HEP_INTERNAL_ERROR;
+  }
+  context->device = config->device;
+  void* host = nullptr;
+  cudaError_t err = cudaHostAlloc(&host, sizeof(hep_error_block_t), cudaHostAllocMapped | cudaHostAllocPortable);
+  if (err == cudaSuccess) {
+    context->errors_host = static_cast<hep_error_block_t*>(host);
+    *context->errors_host = hep_error_block_t{};
+    void* device_view = nullptr;
+    err = cudaHostGetDevicePointer(&device_view, host, 0);
+    context->errors_device = static_cast<hep_error_block_t*>(device_view);
+  }
+  if (err != cudaSuccess) {
+    hep::set_last_error("hep_context_create: mapping the error block failed: %s", cudaGetErrorString(err));
+    hep_context_destroy(context);
+    return HEP_CUDA_ERROR;
+  }
+  *out = context;
+  return HEP_SUCCESS;
+}
+
+hep_status_t hep_context_destroy(hep_context_t* context) {
+  if (context == nullptr) return HEP_SUCCESS;
+  hep_status_t status = HEP_SUCCESS;
+  if (context->errors_host != nullptr) {
+    cudaError_t err = cudaFreeHost(context->errors_host);
+    if (err != cudaSuccess) {
+      hep::set_last_error("hep_context_destroy: cudaFreeHost failed: %s", cudaGetErrorString(err));
+      status = HEP_CUDA_ERROR;
+    }
+  }
+  delete context;
+  return status;
+}
+
+hep_status_t hep_context_error_block(hep_context_t* context, const hep_error_block_t** out) {
+  HEP_REQUIRE(context != nullptr && out != nullptr, "hep_context_error_block: NULL argument");
+  *out = context->errors_host;
+  return HEP_SUCCESS;
+}
+
+hep_status_t hep_context_take_errors(hep_context_t* context, hep_error_block_t* out) {
+  HEP_REQUIRE(context != nullptr && out != nullptr, "hep_context_take_errors: NULL argument");
+  // Word by word atomic exchange: a count a kernel adds meanwhile lands either in
+  // this snapshot or in the next one, never lost.
+  uint32_t* words = reinterpret_cast<uint32_t*>(context->errors_host);
+  uint32_t* snapshot = reinterpret_cast<uint32_t*>(out);
+  for (size_t i = 0; i < sizeof(hep_error_block_t) / sizeof(uint32_t); ++i) {
+    snapshot[i] = __atomic_exchange_n(&words[i], 0u, __ATOMIC_ACQ_REL);
+  }
+  return HEP_SUCCESS;
+}
+
+hep_status_t hep_validate_routing(hep_context_t* context, const hep_validate_routing_args_t* args,
+                                  uint64_t stream) {
+  hep::clear_last_error();
+  HEP_REQUIRE(context != nullptr && args != nullptr, "hep_validate_routing: NULL argument");
+  HEP_REQUIRE(args->idx_dtype == HEP_INDEX_INT32 || args->idx_dtype == HEP_INDEX_INT64,
+              "hep_validate_routing: idx_dtype must be HEP_INDEX_INT32 or HEP_INDEX_INT64");
+  HEP_REQUIRE(args->num_rows >= 0 && args->top_k > 0 && args->num_experts > 0,
+              "hep_validate_routing: need num_rows >= 0, top_k > 0, num_experts > 0 (got %d, %d, %d)",
+              args->num_rows, args->top_k, args->num_experts);
+  HEP_REQUIRE(args->num_rows == 0 || (args->topk_idx != nullptr && args->sanitized_idx != nullptr),
+              "hep_validate_routing: topk_idx and sanitized_idx must not be NULL");
+  HEP_REQUIRE(args->num_tokens_device != nullptr ||
+                  (args->num_tokens_host >= 0 && args->num_tokens_host <= args->num_rows),
+              "hep_validate_routing: num_tokens_host %d outside [0, %d]", args->num_tokens_host, args->num_rows);
+
+  hep::DeviceGuard guard(context->device);
+  HEP_CUDA_CALL(guard.status());
+  hep::ValidateRoutingParams params{};
+  params.topk_idx = args->topk_idx;
+  params.idx_is_int64 = args->idx_dtype == HEP_INDEX_INT64;
+  params.num_rows = args->num_rows;
+  params.top_k = args->top_k;
+  params.num_experts = args->num_experts;
+  params.num_tokens_device = args->num_tokens_device;
+  params.num_tokens_host = args->num_tokens_host;
+  params.sanitized_idx = args->sanitized_idx;
+  params.error_counts = context->errors_device->counts;
+  HEP_CUDA_CALL(hep::launch_validate_routing(params, reinterpret_cast<cudaStream_t>(stream)));
+  return HEP_SUCCESS;
+}
+
+}  // extern "C"

@@ -1,0 +1,11 @@
+// What an opaque hep_context_t holds. Grows with each backend feature; every
+// member is created in hep_context_create and released in hep_context_destroy.
+#pragma once
+
+#include "hybrid_ep_infer/hybrid_ep_infer.h"
+
+struct hep_context {
+  int device = -1;
+  hep_error_block_t* errors_host = nullptr;    // cudaHostAlloc'd, mapped
+  hep_error_block_t* errors_device = nullptr;  // the device's address of the same memory
+};

@@ -1,0 +1,192 @@
+"""Loading the compiled library (``libhybrid_ep_infer.so``) through ctypes.
+
+The library has a C interface only (``csrc/include/hybrid_ep_infer/hybrid_ep_infer.h``),
+so one build works with any torch and Python. Where it is missing or cannot be
+loaded, the package still imports and the reference backend works;
+:func:`library_status` says why the CUDA backend is unavailable.
+
+Search order: ``$HYBRID_EP_INFER_LIBRARY``; next to this file (a wheel install);
+the installed distribution's files (an editable install); ``build/`` of a
+source checkout (``cmake -B build && cmake --build build``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.metadata
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import ERROR_BLOCK_WORDS, ErrorSnapshot, HybridEPError
+
+LIBRARY_NAME = "libhybrid_ep_infer.so"
+API_VERSION = 1  # HEP_API_VERSION in the C header
+
+HEP_SUCCESS = 0
+HEP_INDEX_INT32 = 0
+HEP_INDEX_INT64 = 1
+
+
+class NativeError(HybridEPError):
+    """A call into the compiled library failed; the message is the library's last error."""
+
+
+class ErrorBlock(ctypes.Structure):
+    _fields_ = [("words", ctypes.c_uint32 * ERROR_BLOCK_WORDS)]
+
+
+class ContextConfig(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_size_t), ("version", ctypes.c_uint32), ("device", ctypes.c_int32)]
+
+
+class ValidateRoutingArgs(ctypes.Structure):
+    _fields_ = [
+        ("topk_idx", ctypes.c_void_p),
+        ("idx_dtype", ctypes.c_int),
+        ("num_rows", ctypes.c_int32),
+        ("top_k", ctypes.c_int32),
+        ("num_experts", ctypes.c_int32),
+        ("num_tokens_device", ctypes.c_void_p),
+        ("num_tokens_host", ctypes.c_int32),
+        ("sanitized_idx", ctypes.c_void_p),
+    ]
+
+
+_SIGNATURES = {
+    "hep_api_version": (ctypes.c_int, []),
+    "hep_version_string": (ctypes.c_char_p, []),
+    "hep_status_string": (ctypes.c_char_p, [ctypes.c_int]),
+    "hep_last_error": (ctypes.c_char_p, []),
+    "hep_context_create": (ctypes.c_int, [ctypes.POINTER(ContextConfig), ctypes.POINTER(ctypes.c_void_p)]),
+    "hep_context_destroy": (ctypes.c_int, [ctypes.c_void_p]),
+    "hep_context_take_errors": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ErrorBlock)]),
+    "hep_validate_routing": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ValidateRoutingArgs), ctypes.c_uint64]),
+}
+
+
+def _candidate_paths() -> list[Path]:
+    paths = []
+    if os.environ.get("HYBRID_EP_INFER_LIBRARY"):
+        paths.append(Path(os.environ["HYBRID_EP_INFER_LIBRARY"]))
+    here = Path(__file__).resolve().parent
+    paths.append(here / LIBRARY_NAME)
+    try:
+        for f in importlib.metadata.files("hybrid-ep-infer") or []:
+            if f.name == LIBRARY_NAME:
+                paths.append(Path(f.locate()).resolve())
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    paths.append(here.parent / "build" / LIBRARY_NAME)
+    return paths
+
+
+class NativeLibrary:
+    """The loaded library with typed functions; ``check`` turns a status into an exception."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lib = ctypes.CDLL(str(path))
+        for name, (restype, argtypes) in _SIGNATURES.items():
+            fn = getattr(self._lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
+            setattr(self, name, fn)
+        found = self.hep_api_version()
+        if found != API_VERSION:
+            raise OSError(f"{path} has C API version {found}; this package needs {API_VERSION} (rebuild it)")
+        self.version = self.hep_version_string().decode()
+
+    def check(self, status: int, what: str) -> None:
+        if status != HEP_SUCCESS:
+            reason = self.hep_last_error().decode() or self.hep_status_string(status).decode()
+            raise NativeError(f"{what}: {reason}")
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> tuple[NativeLibrary | None, str]:
+    tried = []
+    for path in _candidate_paths():
+        if not path.is_file():
+            continue
+        try:
+            return NativeLibrary(path), f"loaded {path}"
+        except OSError as e:
+            tried.append(f"{path}: {e}")
+    if not tried:
+        return None, f"{LIBRARY_NAME} not found (install the package with the CUDA toolkit present, " \
+                      "or set HYBRID_EP_INFER_LIBRARY)"
+    return None, "could not load the compiled library: " + "; ".join(tried)
+
+
+def library_status() -> tuple[NativeLibrary | None, str]:
+    """``(library or None, a sentence saying what was loaded or why nothing was)``."""
+    return _load()
+
+
+def load_library() -> NativeLibrary:
+    lib, reason = _load()
+    if lib is None:
+        raise NativeError(reason)
+    return lib
+
+
+class NativeContext:
+    """One ``hep_context_t``: the device-side state of a buffer (for now: the error block)."""
+
+    def __init__(self, device: torch.device):
+        if device.type != "cuda":
+            raise ValueError(f"a native context needs a CUDA device, got {device}")
+        self.lib = load_library()
+        self.device = device
+        config = ContextConfig(ctypes.sizeof(ContextConfig), API_VERSION, device.index)
+        handle = ctypes.c_void_p()
+        self.lib.check(self.lib.hep_context_create(ctypes.byref(config), ctypes.byref(handle)),
+                       "creating the CUDA context state")
+        self._handle = handle
+
+    def close(self) -> None:
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            self.lib.check(self.lib.hep_context_destroy(handle), "releasing the CUDA context state")
+
+    def _live_handle(self) -> ctypes.c_void_p:
+        if self._handle is None:
+            raise NativeError("the native context was closed")
+        return self._handle
+
+    def take_errors(self) -> ErrorSnapshot:
+        block = ErrorBlock()
+        self.lib.check(self.lib.hep_context_take_errors(self._live_handle(), ctypes.byref(block)),
+                       "reading the error block")
+        return ErrorSnapshot.from_words(block.words)
+
+    def validate_routing(self, topk_idx: torch.Tensor, num_experts: int, sanitized: torch.Tensor,
+                         num_tokens: int | None = None, num_tokens_device: torch.Tensor | None = None) -> None:
+        """Launch the routing validation kernel on the current stream (asynchronous).
+
+        ``topk_idx`` ``[m, K]`` int32/int64 and ``sanitized`` ``[m, K]`` int32, both
+        contiguous on this context's device; n comes from ``num_tokens_device`` (a
+        1-element int32 tensor) if given, else ``num_tokens`` (default m).
+        """
+        for name, t, dtypes in (("topk_idx", topk_idx, (torch.int32, torch.int64)),
+                                ("sanitized", sanitized, (torch.int32,))):
+            if t.dtype not in dtypes or t.device != self.device or not t.is_contiguous() or t.dim() != 2:
+                raise ValueError(f"{name} must be a contiguous 2-D {dtypes} tensor on {self.device}")
+        if sanitized.shape != topk_idx.shape:
+            raise ValueError(f"sanitized must have shape {list(topk_idx.shape)}, got {list(sanitized.shape)}")
+        m, top_k = topk_idx.shape
+        args = ValidateRoutingArgs(
+            topk_idx=topk_idx.data_ptr(),
+            idx_dtype=HEP_INDEX_INT64 if topk_idx.dtype == torch.int64 else HEP_INDEX_INT32,
+            num_rows=m,
+            top_k=top_k,
+            num_experts=num_experts,
+            num_tokens_device=num_tokens_device.data_ptr() if num_tokens_device is not None else None,
+            num_tokens_host=m if num_tokens is None else num_tokens,
+            sanitized_idx=sanitized.data_ptr(),
+        )
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        self.lib.check(self.lib.hep_validate_routing(self._live_handle(), ctypes.byref(args), stream),
+                       "hep_validate_routing")

@@ -1,0 +1,323 @@
+"""The public buffer object: dispatch (with permute) and combine (with unpermute).
+
+See ``../shared/SPEC.md`` (the contract) and the README for the memory formula.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from . import _native
+from .config import BufferConfig
+from .errors import BufferClosedError, PeerTimeoutError, raise_for_errors
+from .reference import ReferenceBackend
+from .validation import check_combine_args, check_dispatch_args
+
+BACKENDS = ("auto", "cuda", "reference")
+DEFAULT_TIMEOUT_S = 100.0
+
+_buffer_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class DispatchHandle:
+    """What :meth:`EPBuffer.combine` needs from the matching :meth:`EPBuffer.dispatch`.
+
+    Opaque to users. It is valid until the next dispatch on the same buffer; a
+    combine with an older handle raises ``ValueError``.
+    """
+
+    buffer_id: int
+    generation: int
+    num_rows: int  # m: rows of the dispatched x, and of combine's output
+    state: object  # backend-specific (reference: where each written row came from)
+
+
+class DispatchResult(NamedTuple):
+    """Dispatch output on this rank (SPEC section 3), expert-major.
+
+    Every tensor is a **view of buffer memory**, valid until the next ``dispatch``
+    on this buffer (which overwrites it); copy what must live longer. Row shape R
+    is ``[capacity]`` (contiguous layout) or ``[L, capacity]`` (batched), with L
+    the local experts.
+
+    Attributes:
+        hidden: ``[*R, H]`` payload dtype. Contiguous: expert e's rows are
+            ``hidden[offsets[e] : offsets[e] + tokens_per_expert[e]]``, followed
+            by zero padding up to ``offsets[e + 1]``. Batched:
+            ``hidden[e, :tokens_per_expert[e]]``. Rows are ordered by
+            (source rank, source token, top-k slot).
+        scales: ``[*R, H / 128]`` float32 for FP8 payloads (carried verbatim;
+            zero on padding rows), else ``None``.
+        weights: ``[*R]`` float32, the row's ``topk_weights`` (0 on padding rows).
+        row_expert: ``[*R]`` int32, the row's local expert, -1 for every row index
+            that is not a written row (padding and unused rows included).
+        tokens_per_expert: ``[L]`` int32, rows written per local expert.
+        offsets: ``[L + 1]`` int32 row offsets (contiguous layout), else ``None``.
+        handle: pass to :meth:`EPBuffer.combine`.
+    """
+
+    hidden: torch.Tensor
+    scales: torch.Tensor | None
+    weights: torch.Tensor
+    row_expert: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    offsets: torch.Tensor | None
+    handle: DispatchHandle
+
+
+class EPBuffer:
+    """Expert-parallel dispatch/combine buffer for one group and one set of sizes.
+
+    Created once per (group, hidden, max_tokens, num_experts, top_k, dtype, layout);
+    rank r owns experts ``[r*L, (r+1)*L)`` with ``L = num_experts / group size``.
+    **Calls are collectives**: every rank makes the same sequence of
+    ``dispatch``/``combine`` calls, in the same order (a rank with no tokens still
+    calls, with ``num_tokens=0``).
+
+    Args (keyword-only):
+        group: the ``torch.distributed`` process group (default: the world group).
+        hidden: H, elements per token row.
+        max_tokens: T_max, the most rows of ``x`` any call passes.
+        num_experts: E, experts over the whole group.
+        top_k: K, expert slots per token.
+        dtype: payload dtype: ``torch.bfloat16``, ``torch.float8_e4m3fn`` or
+            ``torch.uint8`` (raw FP8 bytes); FP8 needs ``hidden % 128 == 0``.
+        layout: ``"contiguous"`` (``[capacity, H]`` with per-expert offsets) or
+            ``"batched"`` (``[L, capacity, H]``).
+        pad_multiple: contiguous layout: each expert's rows start at a multiple of it.
+        capacity: contiguous: total rows; batched: rows per expert. Default: the
+            worst case, so nothing can overflow. A smaller one is opt-in: rows past
+            it are dropped and counted (see :meth:`check_errors`).
+        num_sms: SMs per kernel for the CUDA backend (``None``: the library's choice).
+        timeout_s: bound on every wait for a peer (CUDA backend).
+        backend: ``"auto"`` (CUDA where available, else reference), ``"cuda"``,
+            or ``"reference"`` (pure torch; may allocate and synchronize).
+        device: where outputs live. Default: the current CUDA device for the CUDA
+            backend or an NCCL group, else the CPU.
+        debug: run :meth:`check_errors` after every eager call (not while capturing).
+    """
+
+    def __init__(
+        self,
+        *,
+        group: dist.ProcessGroup | None = None,
+        hidden: int,
+        max_tokens: int,
+        num_experts: int,
+        top_k: int,
+        dtype: torch.dtype = torch.bfloat16,
+        layout: str = "contiguous",
+        pad_multiple: int = 1,
+        capacity: int | None = None,
+        num_sms: int | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        debug: bool = False,
+    ):
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("EPBuffer needs torch.distributed to be initialized (init_process_group)")
+        group = group if group is not None else dist.group.WORLD
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if num_sms is not None and (not isinstance(num_sms, int) or num_sms < 1):
+            raise ValueError(f"num_sms must be None or a positive int, got {num_sms!r}")
+        if not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+            raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+
+        self.config = BufferConfig.create(
+            rank=dist.get_rank(group), world_size=dist.get_world_size(group), hidden=hidden,
+            max_tokens=max_tokens, num_experts=num_experts, top_k=top_k, dtype=dtype, layout=layout,
+            pad_multiple=pad_multiple, capacity=capacity)
+        self.group = group
+        self.num_sms = num_sms
+        self.timeout_s = float(timeout_s)
+        self.debug = debug
+
+        if backend == "auto":
+            backend = "cuda" if cuda_backend_unavailable_reason() is None else "reference"
+        if backend == "cuda":
+            reason = cuda_backend_unavailable_reason()
+            if reason is not None:
+                raise RuntimeError(f"backend='cuda' is not available: {reason}. Use backend='reference'.")
+        self.device = _resolve_device(device, backend, group)
+        self._backend = ReferenceBackend(self.config, group, self.device)
+        self._id = next(_buffer_ids)
+        self._generation = 0
+        self._closed = False
+        self._broken: str | None = None
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def backend(self) -> str:
+        """``"cuda"`` or ``"reference"``."""
+        return self._backend.name
+
+    @property
+    def rank(self) -> int:
+        return self.config.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.config.world_size
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.config.num_local_experts
+
+    @property
+    def capacity(self) -> int:
+        """Contiguous: total rows; batched: rows per expert."""
+        return self.config.capacity
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes this buffer holds (see the README's formula)."""
+        self._check_usable()
+        return self._backend.nbytes
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # ------------------------------------------------------------------ collectives
+
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *,
+                 scales: torch.Tensor | None = None, num_tokens=None) -> DispatchResult:
+        """Send each token to the ranks of its experts, grouped by expert (SPEC section 3).
+
+        Args:
+            x: ``[m, H]`` payload dtype, contiguous, ``m <= max_tokens``.
+            topk_idx: ``[m, K]`` int32 or int64 global expert ids; -1 = no expert.
+                Ids outside ``[-1, E)`` and repeats within a row are dropped and
+                counted (:meth:`check_errors`).
+            topk_weights: ``[m, K]`` float32, carried to each row (used by combine).
+            scales: ``[m, H / 128]`` float32, required for FP8 payloads only.
+            num_tokens: n, rows of ``x`` to send: ``None`` (= m), an int in
+                ``[0, m]``, or a 1-element int32 tensor on the buffer's device (the
+                form a captured CUDA graph can change between replays; a device
+                value outside ``[0, m]`` is counted and the rank sends nothing).
+                Rows ``>= n`` are never read.
+
+        Returns:
+            :class:`DispatchResult`, views of buffer memory valid until the next
+            dispatch on this buffer.
+        """
+        self._check_usable()
+        args = check_dispatch_args(self.config, self.device, x, topk_idx, topk_weights, scales, num_tokens)
+        state = self._backend.dispatch(args)
+        self._generation += 1
+        handle = DispatchHandle(self._id, self._generation, args.num_rows, state)
+        b = self._backend
+        result = DispatchResult(b.hidden, b.scales, b.weights, b.row_expert, b.tokens_per_expert, b.offsets, handle)
+        self._maybe_check_errors()
+        return result
+
+    def combine(self, y: torch.Tensor, handle: DispatchHandle, *, out: torch.Tensor | None = None,
+                weighted: bool = True) -> torch.Tensor:
+        """Bring expert outputs back to their tokens and reduce them (SPEC section 4).
+
+        Args:
+            y: expert outputs in the dispatch layout: ``[*R, H]`` bfloat16 (same row
+                shape as ``DispatchResult.hidden``); only written rows are read.
+            handle: ``DispatchResult.handle`` of the latest dispatch on this buffer.
+            out: optional ``[m, H]`` bfloat16 contiguous tensor to write into.
+            weighted: multiply each row by its weight (``DispatchResult.weights``,
+                i.e. the dispatched ``topk_weights``) before summing.
+
+        Returns:
+            ``[m, H]`` bfloat16: ``out`` if given, else a view of buffer memory valid
+            until the next combine on this buffer. Row t sums the token's rows over
+            its experts in a fixed order (bit-reproducible); rows ``t >= n`` and
+            tokens with no valid expert are +0.0.
+        """
+        self._check_usable()
+        if not isinstance(handle, DispatchHandle) or handle.buffer_id != self._id:
+            raise ValueError("handle must be the DispatchResult.handle of a dispatch on this buffer")
+        if handle.generation != self._generation:
+            raise ValueError("handle is stale: another dispatch ran on this buffer since; combine must follow its "
+                             "own dispatch")
+        if not isinstance(weighted, bool):
+            raise TypeError(f"weighted must be a bool, got {type(weighted).__name__}")
+        check_combine_args(self.config, self.device, y, out, handle.num_rows)
+        result = self._backend.combine(y, handle.state, handle.num_rows, out, weighted)
+        self._maybe_check_errors()
+        return result
+
+    # ------------------------------------------------------------------ errors and lifetime
+
+    def check_errors(self, *, synchronize: bool = False) -> None:
+        """Raise for data errors counted since the last check, then clear them.
+
+        Raises :class:`~hybrid_ep_infer.errors.RoutingDataError` naming each kind,
+        its count and this rank, or :class:`~hybrid_ep_infer.errors.PeerTimeoutError`
+        (after which the buffer is unusable until ``close()``). The counters are
+        read without a device sync, so work still in flight is reported by a later
+        check; ``synchronize=True`` waits for the current stream first.
+        """
+        self._check_usable()
+        if synchronize and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        snapshot = self._backend.take_errors()
+        try:
+            raise_for_errors(snapshot, rank=self.rank, num_experts=self.config.num_experts)
+        except PeerTimeoutError as e:
+            self._broken = str(e)
+            raise
+
+    def close(self) -> None:
+        """Release every allocation (and peer mapping). Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._backend.close()
+
+    def __enter__(self) -> "EPBuffer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"EPBuffer(rank={c.rank}/{c.world_size}, hidden={c.hidden}, max_tokens={c.max_tokens}, "
+                f"num_experts={c.num_experts}, top_k={c.top_k}, dtype={c.dtype}, layout={c.layout!r}, "
+                f"capacity={c.capacity}, backend={self.backend!r}, closed={self._closed})")
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise BufferClosedError("this EPBuffer was closed")
+        if self._broken is not None:
+            raise BufferClosedError(f"this EPBuffer is unusable after a timeout ({self._broken}); close it")
+
+    def _maybe_check_errors(self) -> None:
+        if self.debug and not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            self.check_errors(synchronize=True)
+
+
+def cuda_backend_unavailable_reason() -> str | None:
+    """``None`` if ``backend="cuda"`` can be used here, else why not."""
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible (torch.cuda.is_available() is False)"
+    lib, status = _native.library_status()
+    if lib is None:
+        return status
+    return (f"the compiled library ({lib.path}, version {lib.version}) has no dispatch/combine kernels yet: "
+            "only routing validation is implemented in this version")
+
+
+def _resolve_device(device, backend: str, group) -> torch.device:
+    if device is not None:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
+    if backend == "cuda" or dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

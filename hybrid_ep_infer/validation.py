@@ -1,0 +1,94 @@
+"""Argument checks of dispatch and combine (SPEC section 6), shared by every backend.
+
+Each argument gets its own block and its own message naming it; nothing is
+launched before all of them pass. ``assert`` is never used: it vanishes under -O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import BufferConfig
+
+
+@dataclass(frozen=True)
+class DispatchArgs:
+    """Checked dispatch inputs. Exactly one of ``num_tokens``/``num_tokens_device`` is set."""
+
+    x: torch.Tensor
+    topk_idx: torch.Tensor
+    topk_weights: torch.Tensor
+    scales: torch.Tensor | None
+    num_tokens: int | None
+    num_tokens_device: torch.Tensor | None
+
+    @property
+    def num_rows(self) -> int:
+        return self.x.shape[0]
+
+
+def _check_tensor(name: str, t, *, dtypes, shape, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        want = " or ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name} must have dtype {want}, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on {device}, got {t.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (row-major), got strides {t.stride()}")
+
+
+def check_dispatch_args(config: BufferConfig, device: torch.device, x, topk_idx, topk_weights, scales,
+                        num_tokens) -> DispatchArgs:
+    # x: [m, H] of the payload dtype; m decides every other shape.
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [m, hidden], got shape {list(x.shape)}")
+    m = x.shape[0]
+    if m > config.max_tokens:
+        raise ValueError(f"x has {m} rows, more than the buffer's max_tokens ({config.max_tokens})")
+    _check_tensor("x", x, dtypes=(config.dtype,), shape=(m, config.hidden), device=device)
+
+    # Routing: [m, K] ids (int32 or int64) and fp32 weights.
+    _check_tensor("topk_idx", topk_idx, dtypes=(torch.int32, torch.int64), shape=(m, config.top_k), device=device)
+    _check_tensor("topk_weights", topk_weights, dtypes=(torch.float32,), shape=(m, config.top_k), device=device)
+
+    # FP8 scales: [m, H/128] fp32, required for FP8 payloads and refused otherwise.
+    if config.is_fp8:
+        if scales is None:
+            raise ValueError(f"scales [m, {config.num_scale_blocks}] float32 are required for {config.dtype} payloads")
+        _check_tensor("scales", scales, dtypes=(torch.float32,), shape=(m, config.num_scale_blocks), device=device)
+    elif scales is not None:
+        raise ValueError("scales are only accepted for FP8 payloads; this buffer carries bfloat16")
+
+    # num_tokens: None (= m), a Python int in [0, m], or a 1-element int32 tensor on the buffer's device.
+    num_tokens_device = None
+    if num_tokens is None:
+        num_tokens = m
+    elif isinstance(num_tokens, torch.Tensor):
+        if num_tokens.dtype != torch.int32 or num_tokens.numel() != 1:
+            raise TypeError(f"num_tokens as a tensor must be one int32 element, got {num_tokens.dtype} "
+                            f"with {num_tokens.numel()} elements")
+        if num_tokens.device != device:
+            raise ValueError(f"num_tokens must be on {device}, got {num_tokens.device}")
+        num_tokens_device, num_tokens = num_tokens, None
+    elif isinstance(num_tokens, int) and not isinstance(num_tokens, bool):
+        if not 0 <= num_tokens <= m:
+            raise ValueError(f"num_tokens must be in [0, {m}] (rows of x), got {num_tokens}")
+    else:
+        raise TypeError(f"num_tokens must be None, an int or an int32 tensor, got {type(num_tokens).__name__}")
+
+    return DispatchArgs(x, topk_idx, topk_weights, scales, num_tokens, num_tokens_device)
+
+
+def check_combine_args(config: BufferConfig, device: torch.device, y, out, num_rows: int) -> None:
+    row_shape = config.row_shape
+    _check_tensor("y", y, dtypes=(torch.bfloat16,), shape=(*row_shape, config.hidden), device=device)
+    if out is not None:
+        _check_tensor("out", out, dtypes=(torch.bfloat16,), shape=(num_rows, config.hidden), device=device)
