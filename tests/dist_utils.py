@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -27,8 +28,16 @@ def _entry(rank: int, world_size: int, port: int, backend: str, worker, args) ->
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         worker(rank, world_size, *args)
+        dist.barrier()  # every rank leaves together
     finally:
         dist.destroy_process_group()
+    # Skip interpreter teardown: with torch 2.13 + gloo, a spawned rank that ran many
+    # collectives sometimes aborts in a static destructor at exit ("terminate called
+    # without an active exception") after all its work succeeded. Only reached when
+    # the worker passed; failures still propagate through the exception above.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(world_size: int, worker, *args, backend: str = "gloo") -> None:
