@@ -2,14 +2,16 @@
 # One call on a lent GPU machine: build (or reuse a carried build), run a tier of
 # GPU tests, and (tier bench) the benchmark. Logs go to $OUT (or ./gpu-logs).
 #
-#   bash benchmarks/gpu_run.sh smoke   # <= 2 min: GPU tests that need at most 2 GPUs
-#   bash benchmarks/gpu_run.sh full    # every GPU test
-#   bash benchmarks/gpu_run.sh bench   # full, then the benchmark
+#   bash benchmarks/gpu_run.sh smoke       # <= 2 min: the quick GPU tests (2 GPUs)
+#   bash benchmarks/gpu_run.sh full        # every GPU test (4 GPUs for all of them)
+#   bash benchmarks/gpu_run.sh bench       # full, then the benchmark
+#   bash benchmarks/gpu_run.sh smoke slow  # several tiers in one call, stopping at the first failure
+#                                          # (slow: only the tests that smoke leaves out)
 #
 # The compiled library has no Python ABI, so one built on a CPU machine
 # (cmake -B build && cmake --build build) can be carried as build/libhybrid_ep_infer.so.
 set -uo pipefail
-tier=${1:-smoke}
+tiers=("${@:-smoke}")
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-logs}
 mkdir -p "$OUT"
@@ -33,17 +35,20 @@ fi
 export HYBRID_EP_INFER_LIBRARY=$PWD/build/libhybrid_ep_infer.so HYBRID_EP_INFER_EXPECT_LIBRARY=1
 
 status=0
-case "$tier" in
-  smoke) markers="gpu and not slow" ;;
-  full | bench) markers="gpu" ;;
-  *) echo "unknown tier $tier (smoke, full, bench)"; exit 2 ;;
-esac
-echo "== pytest -m '$markers'"
-python3 -m pytest tests -m "$markers" -q -rs --junitxml="$OUT/pytest-$tier.xml" 2>&1 | tee "$OUT/pytest-$tier.log"
-status=${PIPESTATUS[0]}
-
-if [ "$tier" = bench ] && python3 -c 'import hybrid_ep_infer.bench' 2>/dev/null; then
-  echo "== benchmark"
-  python3 -m hybrid_ep_infer.bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1
-fi
+for tier in "${tiers[@]}"; do
+  case "$tier" in
+    smoke) markers="gpu and not slow" ;;
+    slow) markers="gpu and slow" ;;
+    full | bench) markers="gpu" ;;
+    *) echo "unknown tier $tier (smoke, slow, full, bench)"; exit 2 ;;
+  esac
+  echo "== $tier: pytest -m '$markers'"
+  python3 -m pytest tests -m "$markers" -q -rs -s -x --junitxml="$OUT/pytest-$tier.xml" 2>&1 | tee "$OUT/pytest-$tier.log"
+  status=${PIPESTATUS[0]}
+  [ "$status" -eq 0 ] || break
+  if [ "$tier" = bench ] && python3 -c 'import hybrid_ep_infer.bench' 2>/dev/null; then
+    echo "== benchmark"
+    python3 -m hybrid_ep_infer.bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1
+  fi
+done
 exit "$status"

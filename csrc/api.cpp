@@ -134,6 +134,110 @@ hep_status_t hep_context_take_errors(hep_context_t* context, hep_error_block_t* 
   return HEP_SUCCESS;
 }
 
+namespace {
+
+hep_status_t check_desc(const hep_buffer_desc_t* d) {
+  HEP_REQUIRE(d != nullptr, "buffer description is NULL");
+  HEP_REQUIRE(d->size == sizeof(hep_buffer_desc_t) && d->version == HEP_API_VERSION,
+              "buffer description built for another library version (size %zu, version %u)", d->size, d->version);
+  HEP_REQUIRE(d->world_size >= 1 && d->world_size <= hep::kMaxRanks, "world_size %d outside [1, %d]", d->world_size,
+              hep::kMaxRanks);
+  HEP_REQUIRE(d->rank >= 0 && d->rank < d->world_size, "rank %d outside [0, %d)", d->rank, d->world_size);
+  HEP_REQUIRE(d->hidden > 0 && d->max_tokens > 0 && d->num_experts > 0 && d->capacity > 0 && d->pad_multiple > 0,
+              "hidden, max_tokens, num_experts, capacity and pad_multiple must be positive");
+  HEP_REQUIRE(d->num_experts % d->world_size == 0, "num_experts %d is not a multiple of world_size %d",
+              d->num_experts, d->world_size);
+  HEP_REQUIRE(d->top_k >= 1 && d->top_k <= hep::kMaxTopK && d->top_k <= d->num_experts,
+              "top_k %d outside [1, min(%d, num_experts)]", d->top_k, hep::kMaxTopK);
+  HEP_REQUIRE(d->payload_bytes == 1 || d->payload_bytes == 2, "payload_bytes must be 1 or 2, got %d",
+              d->payload_bytes);
+  HEP_REQUIRE(((int64_t)d->hidden * d->payload_bytes) % 16 == 0, "a token row (%d x %d bytes) must be a multiple of 16 bytes",
+              d->hidden, d->payload_bytes);
+  HEP_REQUIRE(!d->has_scales || d->hidden % hep::kScaleBlock == 0, "FP8 scales need hidden %% 128 == 0");
+  HEP_REQUIRE(d->layout == HEP_LAYOUT_CONTIGUOUS || d->layout == HEP_LAYOUT_BATCHED, "unknown layout %d", d->layout);
+  HEP_REQUIRE(d->layout == HEP_LAYOUT_BATCHED || d->capacity % d->pad_multiple == 0,
+              "capacity %d must be a multiple of pad_multiple %d", d->capacity, d->pad_multiple);
+  HEP_REQUIRE(d->num_sms >= 1, "num_sms must be >= 1, got %d", d->num_sms);
+  HEP_REQUIRE(d->timeout_ns > 0, "timeout_ns must be positive");
+  return HEP_SUCCESS;
+}
+
+}  // namespace
+
+hep_status_t hep_workspace_layout(const hep_buffer_desc_t* desc, hep_workspace_layout_t* out) {
+  hep::clear_last_error();
+  HEP_REQUIRE(out != nullptr, "hep_workspace_layout: out is NULL");
+  hep_status_t status = check_desc(desc);
+  if (status != HEP_SUCCESS) return status;
+  const hep::WorkspaceOffsets o = hep::make_offsets(hep::make_sizes(*desc));
+  out->total_bytes = o.total;
+  out->hidden = o.hidden;
+  out->scales = o.scales;
+  out->weights = o.weights;
+  out->row_expert = o.row_expert;
+  out->tokens_per_expert = o.tokens_per_expert;
+  out->offsets = o.offsets;
+  out->combine_out = o.combine_out;
+  return HEP_SUCCESS;
+}
+
+hep_status_t hep_context_attach(hep_context_t* context, const hep_buffer_desc_t* desc, void* const* workspaces) {
+  hep::clear_last_error();
+  HEP_REQUIRE(context != nullptr && workspaces != nullptr, "hep_context_attach: NULL argument");
+  HEP_REQUIRE(!context->attached, "hep_context_attach: a buffer is already attached to this context");
+  hep_status_t status = check_desc(desc);
+  if (status != HEP_SUCCESS) return status;
+  for (int r = 0; r < desc->world_size; ++r) {
+    HEP_REQUIRE(workspaces[r] != nullptr && reinterpret_cast<uintptr_t>(workspaces[r]) % 128 == 0,
+                "workspace of rank %d is NULL or not 128-byte aligned", r);
+    context->workspaces[r] = workspaces[r];
+  }
+  context->desc = *desc;
+  context->sizes = hep::make_sizes(*desc);
+  context->offsets = hep::make_offsets(context->sizes);
+  context->attached = true;
+  return HEP_SUCCESS;
+}
+
+hep_status_t hep_dispatch(hep_context_t* context, const hep_dispatch_args_t* args, uint64_t stream) {
+  hep::clear_last_error();
+  HEP_REQUIRE(context != nullptr && args != nullptr, "hep_dispatch: NULL argument");
+  HEP_REQUIRE(context->attached, "hep_dispatch: no buffer attached to this context");
+  const hep::Sizes& s = context->sizes;
+  HEP_REQUIRE(args->num_rows >= 0 && args->num_rows <= s.max_tokens, "hep_dispatch: num_rows %d outside [0, %d]",
+              args->num_rows, s.max_tokens);
+  HEP_REQUIRE(args->num_tokens_device != nullptr ||
+                  (args->num_tokens_host >= 0 && args->num_tokens_host <= args->num_rows),
+              "hep_dispatch: num_tokens_host %d outside [0, %d]", args->num_tokens_host, args->num_rows);
+  HEP_REQUIRE(args->idx_dtype == HEP_INDEX_INT32 || args->idx_dtype == HEP_INDEX_INT64, "hep_dispatch: bad idx_dtype");
+  HEP_REQUIRE(args->num_rows == 0 || (args->x && args->topk_idx && args->topk_weights),
+              "hep_dispatch: x, topk_idx and topk_weights must not be NULL");
+  HEP_REQUIRE(s.scale_cols == 0 || args->num_rows == 0 || args->scales != nullptr,
+              "hep_dispatch: this buffer carries FP8 scales; scales must not be NULL");
+
+  hep::DispatchParams p{};
+  p.sizes = s;
+  p.off = context->offsets;
+  p.local = context->workspaces[s.rank];
+  for (int r = 0; r < s.world; ++r) p.peers[r] = context->workspaces[r];
+  p.errors = context->errors_device;
+  p.timeout_ns = context->desc.timeout_ns;
+  p.send_blocks = context->desc.num_sms;
+  p.x = args->x;
+  p.scales = args->scales;
+  p.topk_idx = args->topk_idx;
+  p.idx_is_int64 = args->idx_dtype == HEP_INDEX_INT64;
+  p.topk_weights = args->topk_weights;
+  p.num_rows = args->num_rows;
+  p.num_tokens_device = args->num_tokens_device;
+  p.num_tokens_host = args->num_tokens_host;
+
+  hep::DeviceGuard guard(context->device);
+  HEP_CUDA_CALL(guard.status());
+  HEP_CUDA_CALL(hep::launch_dispatch(p, reinterpret_cast<cudaStream_t>(stream)));
+  return HEP_SUCCESS;
+}
+
 hep_status_t hep_validate_routing(hep_context_t* context, const hep_validate_routing_args_t* args,
                                   uint64_t stream) {
   hep::clear_last_error();

@@ -3,9 +3,18 @@
 #pragma once
 
 #include "hybrid_ep_infer/hybrid_ep_infer.h"
+#include "kernels/dispatch.cuh"
+#include "workspace.h"
 
 struct hep_context {
   int device = -1;
   hep_error_block_t* errors_host = nullptr;    // cudaHostAlloc'd, mapped
   hep_error_block_t* errors_device = nullptr;  // the device's address of the same memory
+
+  // Set by hep_context_attach: the buffer and every rank's workspace (owned by the caller).
+  bool attached = false;
+  hep_buffer_desc_t desc{};
+  hep::Sizes sizes{};
+  hep::WorkspaceOffsets offsets{};
+  void* workspaces[hep::kMaxRanks] = {};
 };

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import ERROR_BLOCK_WORDS, ErrorSnapshot, HybridEPError
+from .errors import ERROR_BLOCK_WORDS, ErrorKind, ErrorSnapshot, HybridEPError
 
 LIBRARY_NAME = "libhybrid_ep_infer.so"
-API_VERSION = 1  # HEP_API_VERSION in the C header
+API_VERSION = 2  # HEP_API_VERSION in the C header
 
 HEP_SUCCESS = 0
 HEP_INDEX_INT32 = 0
@@ -55,6 +55,44 @@ class ValidateRoutingArgs(ctypes.Structure):
     ]
 
 
+class BufferDesc(ctypes.Structure):
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("version", ctypes.c_uint32),
+        ("rank", ctypes.c_int32),
+        ("world_size", ctypes.c_int32),
+        ("hidden", ctypes.c_int32),
+        ("max_tokens", ctypes.c_int32),
+        ("num_experts", ctypes.c_int32),
+        ("top_k", ctypes.c_int32),
+        ("payload_bytes", ctypes.c_int32),
+        ("has_scales", ctypes.c_int32),
+        ("layout", ctypes.c_int),
+        ("pad_multiple", ctypes.c_int32),
+        ("capacity", ctypes.c_int32),
+        ("num_sms", ctypes.c_int32),
+        ("timeout_ns", ctypes.c_uint64),
+    ]
+
+
+class WorkspaceLayout(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "total_bytes", "hidden", "scales", "weights", "row_expert", "tokens_per_expert", "offsets", "combine_out")]
+
+
+class DispatchArgs(ctypes.Structure):
+    _fields_ = [
+        ("x", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+        ("topk_idx", ctypes.c_void_p),
+        ("idx_dtype", ctypes.c_int),
+        ("topk_weights", ctypes.c_void_p),
+        ("num_rows", ctypes.c_int32),
+        ("num_tokens_device", ctypes.c_void_p),
+        ("num_tokens_host", ctypes.c_int32),
+    ]
+
+
 _SIGNATURES = {
     "hep_api_version": (ctypes.c_int, []),
     "hep_version_string": (ctypes.c_char_p, []),
@@ -63,7 +101,11 @@ _SIGNATURES = {
     "hep_context_create": (ctypes.c_int, [ctypes.POINTER(ContextConfig), ctypes.POINTER(ctypes.c_void_p)]),
     "hep_context_destroy": (ctypes.c_int, [ctypes.c_void_p]),
     "hep_context_take_errors": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ErrorBlock)]),
+    "hep_context_error_block": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]),
     "hep_validate_routing": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ValidateRoutingArgs), ctypes.c_uint64]),
+    "hep_workspace_layout": (ctypes.c_int, [ctypes.POINTER(BufferDesc), ctypes.POINTER(WorkspaceLayout)]),
+    "hep_context_attach": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(BufferDesc), ctypes.POINTER(ctypes.c_void_p)]),
+    "hep_dispatch": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(DispatchArgs), ctypes.c_uint64]),
 }
 
 
@@ -112,7 +154,7 @@ def _load() -> tuple[NativeLibrary | None, str]:
             continue
         try:
             return NativeLibrary(path), f"loaded {path}"
-        except OSError as e:
+        except (OSError, AttributeError) as e:  # unloadable, or an older build missing a symbol
             tried.append(f"{path}: {e}")
     if not tried:
         return None, f"{LIBRARY_NAME} not found (install the package with the CUDA toolkit present, " \
@@ -132,8 +174,15 @@ def load_library() -> NativeLibrary:
     return lib
 
 
+def workspace_layout(desc: BufferDesc) -> WorkspaceLayout:
+    lib = load_library()
+    layout = WorkspaceLayout()
+    lib.check(lib.hep_workspace_layout(ctypes.byref(desc), ctypes.byref(layout)), "sizing the workspace")
+    return layout
+
+
 class NativeContext:
-    """One ``hep_context_t``: the device-side state of a buffer (for now: the error block)."""
+    """One ``hep_context_t``: the device-side state of a buffer (error block, bound workspaces)."""
 
     def __init__(self, device: torch.device):
         if device.type != "cuda":
@@ -190,3 +239,35 @@ class NativeContext:
         stream = torch.cuda.current_stream(self.device).cuda_stream
         self.lib.check(self.lib.hep_validate_routing(self._live_handle(), ctypes.byref(args), stream),
                        "hep_validate_routing")
+
+    def attach(self, desc: BufferDesc, workspaces: list[int]) -> None:
+        pointers = (ctypes.c_void_p * len(workspaces))(*workspaces)
+        self.lib.check(self.lib.hep_context_attach(self._live_handle(), ctypes.byref(desc), pointers),
+                       "binding the buffer's workspaces")
+
+    def dispatch(self, x, scales, topk_idx, topk_weights, num_tokens, num_tokens_device) -> None:
+        """Launch dispatch on the current stream; arguments already checked by validation.py."""
+        args = DispatchArgs(
+            x=x.data_ptr(),
+            scales=scales.data_ptr() if scales is not None else None,
+            topk_idx=topk_idx.data_ptr(),
+            idx_dtype=HEP_INDEX_INT64 if topk_idx.dtype == torch.int64 else HEP_INDEX_INT32,
+            topk_weights=topk_weights.data_ptr(),
+            num_rows=x.shape[0],
+            num_tokens_device=num_tokens_device.data_ptr() if num_tokens_device is not None else None,
+            num_tokens_host=num_tokens if num_tokens is not None else 0,
+        )
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        self.lib.check(self.lib.hep_dispatch(self._live_handle(), ctypes.byref(args), stream), "hep_dispatch")
+
+    def peek_timeout(self) -> ErrorSnapshot | None:
+        """The error block if a wait has timed out (read without clearing), else None."""
+        block = ErrorBlock.from_address(self._error_block_address())
+        snapshot = ErrorSnapshot.from_words(block.words)
+        return snapshot if snapshot.count(ErrorKind.TIMEOUT) else None
+
+    def _error_block_address(self) -> int:
+        pointer = ctypes.c_void_p()
+        self.lib.check(self.lib.hep_context_error_block(self._live_handle(), ctypes.byref(pointer)),
+                       "reading the error block")
+        return pointer.value

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from . import _native
 from .config import BufferConfig
 from .errors import BufferClosedError, PeerTimeoutError, raise_for_errors
+from .cuda_backend import CUDA_BACKEND_COMPLETE, PHASE_NAMES, CudaBackend
 from .reference import ReferenceBackend
 from .validation import check_combine_args, check_dispatch_args
 
@@ -141,13 +142,18 @@ class EPBuffer:
         self.debug = debug
 
         if backend == "auto":
-            backend = "cuda" if cuda_backend_unavailable_reason() is None else "reference"
+            # Until CUDA combine lands, "auto" keeps to the backend that does both ops.
+            complete = cuda_backend_unavailable_reason() is None and CUDA_BACKEND_COMPLETE
+            backend = "cuda" if complete else "reference"
         if backend == "cuda":
             reason = cuda_backend_unavailable_reason()
             if reason is not None:
                 raise RuntimeError(f"backend='cuda' is not available: {reason}. Use backend='reference'.")
         self.device = _resolve_device(device, backend, group)
-        self._backend = ReferenceBackend(self.config, group, self.device)
+        if backend == "cuda":
+            self._backend = CudaBackend(self.config, group, self.device, num_sms, self.timeout_s)
+        else:
+            self._backend = ReferenceBackend(self.config, group, self.device)
         self._id = next(_buffer_ids)
         self._generation = 0
         self._closed = False
@@ -267,7 +273,7 @@ class EPBuffer:
             torch.cuda.current_stream(self.device).synchronize()
         snapshot = self._backend.take_errors()
         try:
-            raise_for_errors(snapshot, rank=self.rank, num_experts=self.config.num_experts)
+            raise_for_errors(snapshot, rank=self.rank, num_experts=self.config.num_experts, phase_names=PHASE_NAMES)
         except PeerTimeoutError as e:
             self._broken = str(e)
             raise
@@ -295,6 +301,15 @@ class EPBuffer:
             raise BufferClosedError("this EPBuffer was closed")
         if self._broken is not None:
             raise BufferClosedError(f"this EPBuffer is unusable after a timeout ({self._broken}); close it")
+        timed_out = getattr(self._backend, "timed_out", None)
+        snapshot = timed_out() if timed_out is not None else None
+        if snapshot is not None:  # a kernel gave up waiting for a peer: refuse every call from now on
+            try:
+                raise_for_errors(snapshot, rank=self.rank, num_experts=self.config.num_experts,
+                                 phase_names=PHASE_NAMES)
+            except PeerTimeoutError as e:
+                self._broken = str(e)
+                raise
 
     def _maybe_check_errors(self) -> None:
         if self.debug and not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
@@ -308,8 +323,14 @@ def cuda_backend_unavailable_reason() -> str | None:
     lib, status = _native.library_status()
     if lib is None:
         return status
-    return (f"the compiled library ({lib.path}, version {lib.version}) has no dispatch/combine kernels yet: "
-            "only routing validation is implemented in this version")
+    major, minor = torch.cuda.get_device_capability()
+    if major < 9:
+        return f"the current GPU has compute capability {major}.{minor}; the kernels need sm_90 (Hopper) or newer"
+    try:
+        import cuda.bindings.driver  # noqa: F401
+    except ImportError:
+        return "cuda-python is not installed (pip install 'cuda-bindings>=12.8')"
+    return None
 
 
 def _resolve_device(device, backend: str, group) -> torch.device:

@@ -1,6 +1,7 @@
 #include "kernels/validate_routing.cuh"
 
 #include "hybrid_ep_infer/error_block.h"
+#include "kernels/routing_rules.cuh"
 
 namespace hep {
 namespace {
@@ -8,18 +9,10 @@ namespace {
 constexpr int kThreadsPerBlock = 256;
 constexpr int kMaxBlocks = 1024;
 
-template <typename IndexT>
-__device__ __forceinline__ int64_t load_id(const void* base, int64_t i) {
-  return static_cast<int64_t>(static_cast<const IndexT*>(base)[i]);
-}
-
 // One thread per token row. Rows >= n are written as -1 without being read.
 template <typename IndexT>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     validate_routing_kernel(const __grid_constant__ ValidateRoutingParams p) {
-  __shared__ uint32_t block_counts[2];  // invalid, repeated
-  if (threadIdx.x == 0) block_counts[0] = block_counts[1] = 0;
-
   int32_t n = p.num_tokens_host;
   if (p.num_tokens_device != nullptr) {
     n = *p.num_tokens_device;
@@ -29,43 +22,21 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       n = 0;
     }
   }
-  __syncthreads();
 
   uint32_t invalid = 0, repeated = 0;
   const int K = p.top_k;
+  const IndexT* ids = static_cast<const IndexT*>(p.topk_idx);
   for (int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; t < p.num_rows;
        t += (int64_t)gridDim.x * blockDim.x) {
     int32_t* out = p.sanitized_idx + t * K;
     if (t >= n) {
       for (int k = 0; k < K; ++k) out[k] = -1;
-      continue;
-    }
-    for (int k = 0; k < K; ++k) {
-      const int64_t id = load_id<IndexT>(p.topk_idx, t * K + k);
-      int32_t kept = -1;
-      if (id < -1 || id >= p.num_experts) {
-        ++invalid;
-      } else if (id >= 0) {
-        bool seen = false;
-        for (int j = 0; j < k; ++j) seen |= (out[j] == id);  // this thread's own earlier writes
-        if (seen) ++repeated; else kept = static_cast<int32_t>(id);
-      }
-      out[k] = kept;
+    } else {
+      sanitize_row(ids + t * K, K, p.num_experts, out, invalid, repeated);  // reads back its own writes
     }
   }
-
-  // Block-wide sums first, so the host-mapped counters see one atomic per block.
-  invalid = __reduce_add_sync(0xffffffffu, invalid);
-  repeated = __reduce_add_sync(0xffffffffu, repeated);
-  if (threadIdx.x % 32 == 0) {
-    if (invalid) atomicAdd(&block_counts[0], invalid);
-    if (repeated) atomicAdd(&block_counts[1], repeated);
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    if (block_counts[0]) atomicAdd_system(&p.error_counts[HEP_ERROR_INVALID_EXPERT_ID], block_counts[0]);
-    if (block_counts[1]) atomicAdd_system(&p.error_counts[HEP_ERROR_REPEATED_EXPERT_ID], block_counts[1]);
-  }
+  add_block_counts(invalid, repeated, &p.error_counts[HEP_ERROR_INVALID_EXPERT_ID],
+                   &p.error_counts[HEP_ERROR_REPEATED_EXPERT_ID]);
 }
 
 }  // namespace

@@ -29,7 +29,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct or signature below changes; Python checks it at load. */
-#define HEP_API_VERSION 1
+#define HEP_API_VERSION 2
 
 typedef enum hep_status {
   HEP_SUCCESS = 0,
@@ -67,6 +67,55 @@ typedef struct hep_validate_routing_args {
   int32_t* sanitized_idx;            /* out [num_rows, top_k] int32 */
 } hep_validate_routing_args_t;
 
+typedef enum hep_layout {
+  HEP_LAYOUT_CONTIGUOUS = 0, /* hidden [capacity, H], per-expert offsets */
+  HEP_LAYOUT_BATCHED = 1,    /* hidden [L, capacity, H] */
+} hep_layout_t;
+
+/* Everything a buffer is built for (SPEC section 1). Versioned like the context config. */
+typedef struct hep_buffer_desc {
+  size_t size;
+  uint32_t version;
+  int32_t rank;
+  int32_t world_size;   /* W */
+  int32_t hidden;       /* H */
+  int32_t max_tokens;   /* T_max */
+  int32_t num_experts;  /* E = W * L */
+  int32_t top_k;        /* K */
+  int32_t payload_bytes; /* bytes per payload element: 2 (bf16) or 1 (FP8) */
+  int32_t has_scales;   /* FP8: one fp32 scale per 128 elements travels with each row */
+  hep_layout_t layout;
+  int32_t pad_multiple; /* contiguous layout */
+  int32_t capacity;     /* contiguous: total rows; batched: rows per expert */
+  int32_t num_sms;      /* blocks of the copy kernels; fixed for the buffer's life */
+  uint64_t timeout_ns;  /* bound on every wait for a peer */
+} hep_buffer_desc_t;
+
+/* Byte offsets of each region inside one rank's workspace (same on every rank).
+ * Regions marked "peer-written" are written by other GPUs over NVLink. */
+typedef struct hep_workspace_layout {
+  size_t total_bytes;
+  size_t hidden;            /* peer-written: [slots, H] payload */
+  size_t scales;            /* peer-written: [slots, H/128] fp32 (FP8 only) */
+  size_t weights;           /* [slots] fp32 */
+  size_t row_expert;        /* [slots] int32 */
+  size_t tokens_per_expert; /* [L] int32 */
+  size_t offsets;           /* [L + 1] int32 (contiguous) */
+  size_t combine_out;       /* [T_max, H] bf16 */
+} hep_workspace_layout_t;
+
+/* Arguments of hep_dispatch; tensors row-major and contiguous on the context's device. */
+typedef struct hep_dispatch_args {
+  const void* x;                     /* [m, H] payload */
+  const float* scales;               /* [m, H/128] fp32 (FP8) or NULL */
+  const void* topk_idx;              /* [m, K] int32/int64 */
+  hep_index_dtype_t idx_dtype;
+  const float* topk_weights;         /* [m, K] fp32 */
+  int32_t num_rows;                  /* m */
+  const int32_t* num_tokens_device;  /* n on the device, or NULL */
+  int32_t num_tokens_host;           /* n when num_tokens_device is NULL */
+} hep_dispatch_args_t;
+
 HEP_API int hep_api_version(void);
 HEP_API const char* hep_version_string(void);
 HEP_API const char* hep_status_string(hep_status_t status);
@@ -82,6 +131,21 @@ HEP_API hep_status_t hep_context_destroy(hep_context_t* context);
 HEP_API hep_status_t hep_context_error_block(hep_context_t* context, const hep_error_block_t** out);
 /* Copies the error block into *out and clears it (each word atomically). */
 HEP_API hep_status_t hep_context_take_errors(hep_context_t* context, hep_error_block_t* out);
+
+/* The workspace a buffer with this description needs, and where each output lives. */
+HEP_API hep_status_t hep_workspace_layout(const hep_buffer_desc_t* desc, hep_workspace_layout_t* out);
+
+/* Binds a buffer to the context: `workspaces[r]` is rank r's workspace as mapped in
+ * this process (workspaces[desc->rank] is the local one), each of
+ * hep_workspace_layout().total_bytes, zeroed before any rank's first call. The
+ * context keeps the pointers; the caller keeps the memory alive until destroy. */
+HEP_API hep_status_t hep_context_attach(hep_context_t* context, const hep_buffer_desc_t* desc,
+                                        void* const* workspaces);
+
+/* SPEC sections 2-3 on the device: routing exchange, placement, payload transfer and
+ * the per-expert copies, all asynchronous on `stream`; no host sync, no allocation. A
+ * collective: every rank calls it in the same order. */
+HEP_API hep_status_t hep_dispatch(hep_context_t* context, const hep_dispatch_args_t* args, uint64_t stream);
 
 /* SPEC section 6 routing validation, on the device: writes sanitized_idx with
  * every id that is kept, and -1 for "no expert", ids outside [-1, E), an id

@@ -1,0 +1,62 @@
+// Bounded waits on peer counters (SPEC section 6). A wait never spins forever: after
+// timeout_ns it records the phase and the peer in the error block, once per buffer,
+// and returns false so the kernel can exit. Once any wait of the buffer has timed
+// out, every later wait returns false at once: the ranks are out of step for good,
+// and the host refuses further calls.
+#pragma once
+
+#include <cstdint>
+
+#include "common/ptx.cuh"
+#include "hybrid_ep_infer/error_block.h"
+
+namespace hep {
+
+// Phase codes written to hep_error_block_t::timeout_phase (Python names them).
+enum WaitPhase : uint32_t {
+  kPhaseDispatchRouting = 1,  // waiting for a peer's routing (dispatch started on that peer?)
+  kPhaseDispatchPayload = 2,  // waiting for a peer's token rows
+  kPhaseCombinePartials = 3,  // waiting for a peer's combine partials
+};
+
+__device__ __forceinline__ bool timed_out_before(hep_error_block_t* errors) {
+  return ptx::ld_relaxed_sys(&errors->counts[HEP_ERROR_TIMEOUT]) != 0;
+}
+
+// Acquires `counter` >= `expected`: after true, everything the peer released with
+// the counter update is visible to the calling thread (share it with the block by a
+// __syncthreads that follows).
+__device__ __forceinline__ bool wait_counter_at_least(const uint64_t* counter, uint64_t expected, uint64_t timeout_ns,
+                                                      hep_error_block_t* errors, uint32_t phase, uint32_t peer) {
+  if (ptx::ld_acquire_sys(counter) >= expected) return true;
+  const uint64_t start = ptx::globaltimer_ns();
+  for (uint32_t spins = 1;; ++spins) {
+    if (ptx::ld_acquire_sys(counter) >= expected) return true;
+    if (spins % 256 == 0) {  // the clock and the host-mapped word are slower to read
+      if (timed_out_before(errors)) return false;
+      if (ptx::globaltimer_ns() - start > timeout_ns) {
+        // The first waiter to give up names the phase and peer; reserved is the claim.
+        if (atomicCAS_system(&errors->reserved, 0u, 1u) == 0u) {
+          errors->timeout_phase = phase;
+          errors->timeout_peer = peer;
+          __threadfence_system();  // phase and peer before the count the host looks at
+          atomicAdd_system(&errors->counts[HEP_ERROR_TIMEOUT], 1u);
+        }
+        return false;
+      }
+    }
+  }
+}
+
+// Every thread t < num_peers waits for counters[t]; returns the block-wide verdict.
+// Every thread of the block must call it.
+__device__ __forceinline__ bool block_wait_all_peers(const uint64_t* counters, int num_peers, uint64_t expected,
+                                                     uint64_t timeout_ns, hep_error_block_t* errors, uint32_t phase) {
+  bool ok = true;
+  for (int peer = threadIdx.x; peer < num_peers; peer += blockDim.x) {
+    ok &= wait_counter_at_least(counters + peer, expected, timeout_ns, errors, phase, peer);
+  }
+  return __syncthreads_and(ok);
+}
+
+}  // namespace hep

@@ -1,0 +1,97 @@
+"""The CUDA backend: kernels of the compiled library over NVLink peer memory.
+
+Everything is allocated and mapped here, in the constructor; a call only launches
+kernels on the current stream (no host sync, no allocation, no NCCL), so calls can
+be captured in CUDA graphs. Outputs are views of the local workspace.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from . import _native
+from .config import CONTIGUOUS, BufferConfig
+from .errors import ErrorSnapshot
+from .peer_memory import PeerWorkspace
+from .validation import DispatchArgs
+
+DEFAULT_NUM_SMS = 24
+# "auto" picks the CUDA backend only once it implements both dispatch and combine.
+CUDA_BACKEND_COMPLETE = False
+# Wait phases of csrc/common/wait.cuh, for messages.
+PHASE_NAMES = {1: "dispatch (routing exchange)", 2: "dispatch (token rows)", 3: "combine (partials)"}
+
+
+class CudaBackend:
+    name = "cuda"
+
+    def __init__(self, config: BufferConfig, group, device: torch.device, num_sms: int | None, timeout_s: float):
+        if device.type != "cuda":
+            raise ValueError(f"the CUDA backend needs a CUDA device, got {device}")
+        self.config = config
+        self.device = device
+        c = config
+        self.desc = _native.BufferDesc(
+            size=ctypes.sizeof(_native.BufferDesc), version=_native.API_VERSION, rank=c.rank,
+            world_size=c.world_size, hidden=c.hidden, max_tokens=c.max_tokens, num_experts=c.num_experts,
+            top_k=c.top_k, payload_bytes=torch.empty((), dtype=c.dtype).element_size(), has_scales=int(c.is_fp8),
+            layout=0 if c.layout == CONTIGUOUS else 1, pad_multiple=c.pad_multiple, capacity=c.capacity,
+            num_sms=num_sms or DEFAULT_NUM_SMS, timeout_ns=int(timeout_s * 1e9))
+        self.layout = _native.workspace_layout(self.desc)
+        self.context = _native.NativeContext(device)
+        self.workspace = None
+        try:
+            self.workspace = PeerWorkspace(device, self.layout.total_bytes, group, c.rank, c.world_size)
+            self.context.attach(self.desc, self.workspace.pointers)
+        except BaseException:
+            self.close()
+            raise
+
+        rows, L, H = c.row_shape, c.num_local_experts, c.hidden
+        self.hidden = self._view(self.layout.hidden, c.dtype, (*rows, H))
+        self.scales = self._view(self.layout.scales, torch.float32, (*rows, c.num_scale_blocks)) if c.is_fp8 else None
+        self.weights = self._view(self.layout.weights, torch.float32, rows)
+        self.row_expert = self._view(self.layout.row_expert, torch.int32, rows)
+        self.tokens_per_expert = self._view(self.layout.tokens_per_expert, torch.int32, (L,))
+        self.offsets = self._view(self.layout.offsets, torch.int32, (L + 1,)) if c.layout == CONTIGUOUS else None
+        self.combine_out = self._view(self.layout.combine_out, torch.bfloat16, (c.max_tokens, H))
+
+    def _view(self, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
+        count = 1
+        for d in shape:
+            count *= d
+        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        return self.workspace.tensor(offset, nbytes).view(dtype).view(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.layout.total_bytes
+
+    def dispatch(self, args: DispatchArgs) -> None:
+        self.context.dispatch(args.x, args.scales, args.topk_idx, args.topk_weights, args.num_tokens,
+                              args.num_tokens_device)
+        return None
+
+    def combine(self, y, state, num_rows, out, weighted):
+        raise NotImplementedError("combine on the CUDA backend is not implemented yet; use backend='reference'")
+
+    def take_errors(self) -> ErrorSnapshot:
+        return self.context.take_errors()
+
+    def timed_out(self) -> ErrorSnapshot | None:
+        """The error block if a peer wait has timed out (no sync, no clearing)."""
+        return self.context.peek_timeout()
+
+    def close(self) -> None:
+        if self.workspace is not None or self.context is not None:
+            torch.cuda.synchronize(self.device)  # nothing of ours may still run on this memory
+        self.hidden = self.scales = self.weights = self.row_expert = None
+        self.tokens_per_expert = self.offsets = self.combine_out = None
+        if self.workspace is not None:
+            self.workspace.close()
+            self.workspace = None
+        if self.context is not None:
+            self.context.close()
+            self.context = None
