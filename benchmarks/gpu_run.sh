@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_run.sh bench       # full, then the benchmark
 #   bash benchmarks/gpu_run.sh smoke slow  # several tiers in one call, stopping at the first failure
 #                                          # (slow: only the tests that smoke leaves out)
+#   TESTS=tests/test_cuda_combine.py bash benchmarks/gpu_run.sh smoke   # a subset of files
 #
 # The compiled library has no Python ABI, so one built on a CPU machine
 # (cmake -B build && cmake --build build) can be carried as build/libhybrid_ep_infer.so.
@@ -43,7 +44,7 @@ for tier in "${tiers[@]}"; do
     *) echo "unknown tier $tier (smoke, slow, full, bench)"; exit 2 ;;
   esac
   echo "== $tier: pytest -m '$markers'"
-  python3 -m pytest tests -m "$markers" -q -rs -s -x --junitxml="$OUT/pytest-$tier.xml" 2>&1 | tee "$OUT/pytest-$tier.log"
+  python3 -m pytest ${TESTS:-tests} -m "$markers" -q -rs -s -x --junitxml="$OUT/pytest-$tier.xml" 2>&1 | tee "$OUT/pytest-$tier.log"
   status=${PIPESTATUS[0]}
   [ "$status" -eq 0 ] || break
   if [ "$tier" = bench ] && python3 -c 'import hybrid_ep_infer.bench' 2>/dev/null; then

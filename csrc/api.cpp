@@ -11,6 +11,7 @@
 #include "common/status.h"
 #include "context.h"
 #include "hybrid_ep_infer/hybrid_ep_infer.h"
+#include "kernels/combine.cuh"
 #include "kernels/validate_routing.cuh"
 
 #ifndef HEP_VERSION_STRING
@@ -235,6 +236,36 @@ hep_status_t hep_dispatch(hep_context_t* context, const hep_dispatch_args_t* arg
   hep::DeviceGuard guard(context->device);
   HEP_CUDA_CALL(guard.status());
   HEP_CUDA_CALL(hep::launch_dispatch(p, reinterpret_cast<cudaStream_t>(stream)));
+  return HEP_SUCCESS;
+}
+
+hep_status_t hep_combine(hep_context_t* context, const hep_combine_args_t* args, uint64_t stream) {
+  hep::clear_last_error();
+  HEP_REQUIRE(context != nullptr && args != nullptr, "hep_combine: NULL argument");
+  HEP_REQUIRE(context->attached, "hep_combine: no buffer attached to this context");
+  const hep::Sizes& s = context->sizes;
+  HEP_REQUIRE(args->num_rows >= 0 && args->num_rows <= s.max_tokens, "hep_combine: num_rows %d outside [0, %d]",
+              args->num_rows, s.max_tokens);
+  HEP_REQUIRE(args->y != nullptr && (args->num_rows == 0 || args->out != nullptr), "hep_combine: y or out is NULL");
+  HEP_REQUIRE(reinterpret_cast<uintptr_t>(args->y) % 16 == 0 && reinterpret_cast<uintptr_t>(args->out) % 16 == 0,
+              "hep_combine: y and out must be 16-byte aligned");
+
+  hep::CombineParams p{};
+  p.sizes = s;
+  p.off = context->offsets;
+  p.local = context->workspaces[s.rank];
+  for (int r = 0; r < s.world; ++r) p.peers[r] = context->workspaces[r];
+  p.errors = context->errors_device;
+  p.timeout_ns = context->desc.timeout_ns;
+  p.send_blocks = context->desc.num_sms;
+  p.y = args->y;
+  p.out = args->out;
+  p.num_rows = args->num_rows;
+  p.weighted = args->weighted != 0;
+
+  hep::DeviceGuard guard(context->device);
+  HEP_CUDA_CALL(guard.status());
+  HEP_CUDA_CALL(hep::launch_combine(p, reinterpret_cast<cudaStream_t>(stream)));
   return HEP_SUCCESS;
 }
 

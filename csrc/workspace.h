@@ -38,7 +38,7 @@ struct WorkspaceOffsets {
   int64_t routing;
   // peer: dispatch payload [slots, H] and FP8 scales [slots, H/128].
   int64_t hidden, scales;
-  // peer: combine partials [W (destination)][T, H] bf16.
+  // peer: combine partials [2 (combine parity)][W (destination)][T, H] bf16.
   int64_t combine_partials;
   // local outputs.
   int64_t weights, row_expert, tokens_per_expert, offsets, combine_out;
@@ -49,7 +49,8 @@ struct WorkspaceOffsets {
   int64_t row_of;     // [W, T, K] int32: this rank's row of (s, t, k), or -1
   int64_t first_row;  // [W, T] int32: the row source s writes token t to on this rank, or -1
   int64_t src_tokens; // [W] int32: n of every source in the current call
-  int64_t epoch;      // uint64: calls completed; uint32 "blocks done" right after it
+  int64_t epoch;          // uint64: dispatches completed; uint32 "blocks done" right after it
+  int64_t combine_epoch;  // uint64: combines completed; uint32 "blocks done" right after it
   int64_t total;
 };
 
@@ -87,7 +88,7 @@ inline WorkspaceOffsets make_offsets(const Sizes& s) {
   o.routing = take(2 * W * s.routing_slot_bytes());
   o.hidden = take(slots * s.row_bytes);
   o.scales = take(slots * s.scale_cols * 4);
-  o.combine_partials = take(W * T * s.hidden * 2);
+  o.combine_partials = take(2 * W * T * s.hidden * 2);
   o.weights = take(slots * 4);
   o.row_expert = take(slots * 4);
   o.tokens_per_expert = take(4 * (int64_t)s.local_experts);
@@ -100,6 +101,7 @@ inline WorkspaceOffsets make_offsets(const Sizes& s) {
   o.first_row = take(4 * W * T);
   o.src_tokens = take(4 * W);
   o.epoch = take(16);
+  o.combine_epoch = take(16);
   o.total = at;
   return o;
 }

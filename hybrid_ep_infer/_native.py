@@ -93,6 +93,11 @@ class DispatchArgs(ctypes.Structure):
     ]
 
 
+class CombineArgs(ctypes.Structure):
+    _fields_ = [("y", ctypes.c_void_p), ("out", ctypes.c_void_p), ("num_rows", ctypes.c_int32),
+                ("weighted", ctypes.c_int32)]
+
+
 _SIGNATURES = {
     "hep_api_version": (ctypes.c_int, []),
     "hep_version_string": (ctypes.c_char_p, []),
@@ -106,6 +111,7 @@ _SIGNATURES = {
     "hep_workspace_layout": (ctypes.c_int, [ctypes.POINTER(BufferDesc), ctypes.POINTER(WorkspaceLayout)]),
     "hep_context_attach": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(BufferDesc), ctypes.POINTER(ctypes.c_void_p)]),
     "hep_dispatch": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(DispatchArgs), ctypes.c_uint64]),
+    "hep_combine": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(CombineArgs), ctypes.c_uint64]),
 }
 
 
@@ -259,6 +265,12 @@ class NativeContext:
         )
         stream = torch.cuda.current_stream(self.device).cuda_stream
         self.lib.check(self.lib.hep_dispatch(self._live_handle(), ctypes.byref(args), stream), "hep_dispatch")
+
+    def combine(self, y: torch.Tensor, out: torch.Tensor, num_rows: int, weighted: bool) -> None:
+        """Launch combine on the current stream for the latest dispatch; arguments already checked."""
+        args = CombineArgs(y=y.data_ptr(), out=out.data_ptr(), num_rows=num_rows, weighted=int(weighted))
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        self.lib.check(self.lib.hep_combine(self._live_handle(), ctypes.byref(args), stream), "hep_combine")
 
     def peek_timeout(self) -> ErrorSnapshot | None:
         """The error block if a wait has timed out (read without clearing), else None."""

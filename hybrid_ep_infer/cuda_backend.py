@@ -18,8 +18,8 @@ from .peer_memory import PeerWorkspace
 from .validation import DispatchArgs
 
 DEFAULT_NUM_SMS = 24
-# "auto" picks the CUDA backend only once it implements both dispatch and combine.
-CUDA_BACKEND_COMPLETE = False
+# "auto" picks the CUDA backend only where it implements both dispatch and combine.
+CUDA_BACKEND_COMPLETE = True
 # Wait phases of csrc/common/wait.cuh, for messages.
 PHASE_NAMES = {1: "dispatch (routing exchange)", 2: "dispatch (token rows)", 3: "combine (partials)"}
 
@@ -74,8 +74,10 @@ class CudaBackend:
                               args.num_tokens_device)
         return None
 
-    def combine(self, y, state, num_rows, out, weighted):
-        raise NotImplementedError("combine on the CUDA backend is not implemented yet; use backend='reference'")
+    def combine(self, y: torch.Tensor, state, num_rows: int, out: torch.Tensor | None, weighted: bool) -> torch.Tensor:
+        target = out if out is not None else self.combine_out[:num_rows]
+        self.context.combine(y, target, num_rows, weighted)
+        return target
 
     def take_errors(self) -> ErrorSnapshot:
         return self.context.take_errors()

@@ -29,7 +29,7 @@ class DispatchArgs:
         return self.x.shape[0]
 
 
-def _check_tensor(name: str, t, *, dtypes, shape, device: torch.device) -> None:
+def _check_tensor(name: str, t, *, dtypes, shape, device: torch.device, aligned: bool = False) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
@@ -41,6 +41,9 @@ def _check_tensor(name: str, t, *, dtypes, shape, device: torch.device) -> None:
         raise ValueError(f"{name} must be on {device}, got {t.device}")
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous (row-major), got strides {t.stride()}")
+    if aligned and t.data_ptr() % 16:
+        raise ValueError(f"{name} must start at a 16-byte aligned address (kernels move 16-byte vectors); "
+                         "a view at an odd offset is not; pass a copy")
 
 
 def check_dispatch_args(config: BufferConfig, device: torch.device, x, topk_idx, topk_weights, scales,
@@ -53,7 +56,7 @@ def check_dispatch_args(config: BufferConfig, device: torch.device, x, topk_idx,
     m = x.shape[0]
     if m > config.max_tokens:
         raise ValueError(f"x has {m} rows, more than the buffer's max_tokens ({config.max_tokens})")
-    _check_tensor("x", x, dtypes=(config.dtype,), shape=(m, config.hidden), device=device)
+    _check_tensor("x", x, dtypes=(config.dtype,), shape=(m, config.hidden), device=device, aligned=True)
 
     # Routing: [m, K] ids (int32 or int64) and fp32 weights.
     _check_tensor("topk_idx", topk_idx, dtypes=(torch.int32, torch.int64), shape=(m, config.top_k), device=device)
@@ -89,6 +92,7 @@ def check_dispatch_args(config: BufferConfig, device: torch.device, x, topk_idx,
 
 def check_combine_args(config: BufferConfig, device: torch.device, y, out, num_rows: int) -> None:
     row_shape = config.row_shape
-    _check_tensor("y", y, dtypes=(torch.bfloat16,), shape=(*row_shape, config.hidden), device=device)
+    _check_tensor("y", y, dtypes=(torch.bfloat16,), shape=(*row_shape, config.hidden), device=device, aligned=True)
     if out is not None:
-        _check_tensor("out", out, dtypes=(torch.bfloat16,), shape=(num_rows, config.hidden), device=device)
+        _check_tensor("out", out, dtypes=(torch.bfloat16,), shape=(num_rows, config.hidden), device=device,
+                      aligned=True)

@@ -87,7 +87,7 @@ def make_inputs(case: Case) -> list[RankInputs]:
 def _order_routing(case: Case, m: int) -> torch.Tensor:
     """Routing on which any summation order but the SPEC's gives other bits.
 
-    With EXPERT_SCALES (A, -A, tiny, 1) by ``e % 4``, 4 experts per rank and K = 3:
+    With expert_fn's scales (A, -A, tiny, 1) by ``e % 4``, 4 experts per rank and K = 3:
     even tokens send slots (tiny, A, -A) to one rank: ascending k gives 0, expert
     order or descending k gives tiny. Odd tokens (W >= 3) put A on rank 0, -A on
     rank 1, tiny on rank 2, in slots (tiny, A, -A): ascending rank order gives
@@ -111,16 +111,18 @@ def payload_as_float(x: torch.Tensor) -> torch.Tensor:
     return x.float()
 
 
-# Expert e scales its input by EXPERT_SCALES[e % 4]. Mixed signs and magnitudes make
+# Expert e scales its input by (A, -A, tiny, 1)[e % 4]. Mixed signs and magnitudes make
 # the fp32 sums cancel, so any other summation order than the SPEC's changes bits.
-EXPERT_SCALES = torch.tensor([2.0**20, -(2.0**20), 2.0**-20, 1.0])
+BIG, TINY = 2.0**20, 2.0**-20
 
 
 def expert_fn(x_rows: torch.Tensor, global_expert: torch.Tensor) -> torch.Tensor:
-    """A cheap, expert-dependent "expert": bf16(x * EXPERT_SCALES[e % 4] + e / 16), row-wise."""
-    e = global_expert.to(torch.int64)
-    scale = EXPERT_SCALES[e % 4].unsqueeze(-1)
-    return (payload_as_float(x_rows) * scale + e.unsqueeze(-1) / 16).to(torch.bfloat16)
+    """A cheap, expert-dependent "expert": bf16(x * scale(e) + e / 16), row-wise, on any device
+    (no host tensors, so it can run inside a CUDA graph capture)."""
+    e = global_expert.to(torch.int64).unsqueeze(-1)
+    r = e % 4
+    scale = torch.where(r == 0, BIG, torch.where(r == 1, -BIG, torch.where(r == 2, TINY, 1.0)))
+    return (payload_as_float(x_rows) * scale + e / 16).to(torch.bfloat16)
 
 
 # ---------------------------------------------------------------------- oracle

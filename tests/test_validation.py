@@ -75,6 +75,7 @@ def test_default_capacity(one_rank_group):
     ("x", torch.zeros(H, T, dtype=torch.bfloat16).t(), ValueError, "x must be contiguous"),
     ("x", torch.zeros(T, 2 * H, dtype=torch.bfloat16)[:, ::2], ValueError, "x must be contiguous"),
     ("x", torch.zeros(T, H, 1, dtype=torch.bfloat16), ValueError, "2-D"),
+    ("x", torch.zeros(T * H + 1, dtype=torch.bfloat16)[1:].view(T, H), ValueError, "16-byte aligned"),
     ("topk_idx", torch.zeros(T, K, dtype=torch.int16), TypeError, "topk_idx must have dtype"),
     ("topk_idx", torch.zeros(T, K + 1, dtype=torch.int64), ValueError, "topk_idx must have shape"),
     ("topk_idx", torch.zeros(K, T, dtype=torch.int64).t(), ValueError, "topk_idx must be contiguous"),
@@ -128,6 +129,8 @@ def test_combine_arguments(buf):
         buf.combine(y[:-1], r.handle)
     with pytest.raises(TypeError, match="out must have dtype"):
         buf.combine(y, r.handle, out=torch.zeros(T, H))
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        buf.combine(y, r.handle, out=torch.zeros(T * H + 1, dtype=torch.bfloat16)[1:].view(T, H))
     with pytest.raises(ValueError, match="out must have shape"):
         buf.combine(y, r.handle, out=torch.zeros(T - 1, H, dtype=torch.bfloat16))
     with pytest.raises(TypeError, match="weighted"):

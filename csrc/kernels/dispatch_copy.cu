@@ -28,6 +28,11 @@ __device__ __forceinline__ void warp_copy(char* dst, const char* src, int64_t by
   for (; v < vectors; v += 32) ptx::st_global_v4(d + v, kSourceReadOnly ? ptx::ld_nc_v4(s + v) : ptx::ld_global_v4(s + v));
 }
 
+// Copies `words` 4-byte words (FP8 scale rows: H/128 of them, not always a multiple of 4).
+__device__ __forceinline__ void warp_copy_words(float* dst, const float* src, int64_t words, int lane) {
+  for (int64_t i = lane; i < words; i += 32) dst[i] = src[i];
+}
+
 __device__ __forceinline__ uint64_t call_epoch(const DispatchParams& p) {
   return *at<const uint64_t>(p.local, p.off.epoch) + 1;
 }
@@ -41,7 +46,6 @@ __global__ void __launch_bounds__(kCopyThreads) send_kernel(const __grid_constan
   const int n = *at<const int32_t>(p.local, p.off.src_tokens + 4 * s.rank);
   const int32_t* send_row = at<const int32_t>(p.local, p.off.send_row);
   const int lane = threadIdx.x % 32;
-  const int64_t scale_bytes = (int64_t)s.scale_cols * 4;
 
   for (int64_t item = blockIdx.x * (int64_t)kCopyWarps + threadIdx.x / 32; !broken && item < (int64_t)n * W;
        item += (int64_t)gridDim.x * kCopyWarps) {
@@ -50,9 +54,9 @@ __global__ void __launch_bounds__(kCopyThreads) send_kernel(const __grid_constan
     if (row < 0) continue;
     char* dst = at<char>(p.peers[r], p.off.hidden) + row * s.row_bytes;
     warp_copy<true>(dst, static_cast<const char*>(p.x) + t * s.row_bytes, s.row_bytes, lane);
-    if (scale_bytes) {
-      warp_copy<true>(at<char>(p.peers[r], p.off.scales) + row * scale_bytes,
-                      reinterpret_cast<const char*>(p.scales) + t * scale_bytes, scale_bytes, lane);
+    if (s.scale_cols) {
+      warp_copy_words(at<float>(p.peers[r], p.off.scales) + (int64_t)row * s.scale_cols,
+                      p.scales + (int64_t)t * s.scale_cols, s.scale_cols, lane);
     }
   }
   // Publishes this block's rows to every destination; acquired by expand_kernel there.
@@ -76,8 +80,7 @@ __global__ void __launch_bounds__(kCopyThreads) expand_kernel(const __grid_const
   const int32_t* first_row = at<const int32_t>(p.local, p.off.first_row);
   const int32_t* row_of = at<const int32_t>(p.local, p.off.row_of);
   char* hidden = at<char>(p.local, p.off.hidden);
-  char* scales = at<char>(p.local, p.off.scales);
-  const int64_t scale_bytes = (int64_t)s.scale_cols * 4;
+  float* scales = at<float>(p.local, p.off.scales);
   const int lane = threadIdx.x % 32;
 
   for (int64_t item = blockIdx.x * (int64_t)kCopyWarps + threadIdx.x / 32; ok && item < (int64_t)W * T;
@@ -90,7 +93,9 @@ __global__ void __launch_bounds__(kCopyThreads) expand_kernel(const __grid_const
       const int32_t row = row_of[item * K + k];
       if (row < 0 || row == first) continue;
       warp_copy<false>(hidden + row * s.row_bytes, hidden + first * s.row_bytes, s.row_bytes, lane);
-      if (scale_bytes) warp_copy<false>(scales + row * scale_bytes, scales + first * scale_bytes, scale_bytes, lane);
+      if (s.scale_cols) {
+        warp_copy_words(scales + (int64_t)row * s.scale_cols, scales + (int64_t)first * s.scale_cols, s.scale_cols, lane);
+      }
     }
   }
 

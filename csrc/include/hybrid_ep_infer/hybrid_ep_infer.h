@@ -116,6 +116,14 @@ typedef struct hep_dispatch_args {
   int32_t num_tokens_host;           /* n when num_tokens_device is NULL */
 } hep_dispatch_args_t;
 
+/* Arguments of hep_combine. */
+typedef struct hep_combine_args {
+  const void* y;     /* expert outputs in the dispatch layout: [slots, H] bf16, contiguous */
+  void* out;         /* [num_rows, H] bf16, contiguous */
+  int32_t num_rows;  /* m of the matching dispatch */
+  int32_t weighted;  /* multiply each row by its dispatched weight */
+} hep_combine_args_t;
+
 HEP_API int hep_api_version(void);
 HEP_API const char* hep_version_string(void);
 HEP_API const char* hep_status_string(hep_status_t status);
@@ -146,6 +154,11 @@ HEP_API hep_status_t hep_context_attach(hep_context_t* context, const hep_buffer
  * the per-expert copies, all asynchronous on `stream`; no host sync, no allocation. A
  * collective: every rank calls it in the same order. */
 HEP_API hep_status_t hep_dispatch(hep_context_t* context, const hep_dispatch_args_t* args, uint64_t stream);
+
+/* SPEC section 4 on the device: per-destination partial sums in fixed order, one bf16
+ * partial per (token, destination) over NVLink, summed by the source in ascending rank.
+ * Uses the plan of the latest hep_dispatch on this context. A collective. */
+HEP_API hep_status_t hep_combine(hep_context_t* context, const hep_combine_args_t* args, uint64_t stream);
 
 /* SPEC section 6 routing validation, on the device: writes sanitized_idx with
  * every id that is kept, and -1 for "no expert", ids outside [-1, E), an id
