@@ -1,0 +1,88 @@
+"""Per-kernel time of one dispatch and one combine (CUDA backend), for performance work.
+
+    python benchmarks/breakdown.py [--ranks N] [--hidden 7168] [--tokens 4096] [--top-k 8]
+                                   [--local-experts 8] [--num-sms 24 48 ...]
+
+Spawns one process per GPU, runs uniform routing, profiles 10 calls with
+torch.profiler and prints, for rank 0, the mean device time of each kernel and the
+NVLink rate the send kernels reach on the rows this rank sends off-GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def worker(rank: int, args) -> None:
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{args.port}", rank=rank, world_size=args.ranks)
+    from hybrid_ep_infer import EPBuffer
+
+    W, H, T, K = args.ranks, args.hidden, args.tokens, args.top_k
+    E = args.local_experts * W
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(T, H, generator=gen).to(torch.bfloat16).cuda()
+    idx = torch.rand(T, E, generator=gen).argsort(dim=1)[:, :K].cuda()
+    weights = torch.rand(T, K, generator=gen).cuda()
+    dest = idx // args.local_experts
+    off_gpu_rows = sum(int((dest == r).any(dim=1).sum()) for r in range(W) if r != rank)
+    off_gpu_bytes = off_gpu_rows * H * 2
+
+    for num_sms in args.num_sms:
+        with EPBuffer(hidden=H, max_tokens=T, num_experts=E, top_k=K, backend="cuda", num_sms=num_sms) as buf:
+            result = buf.dispatch(x, idx, weights)
+            y = result.hidden.clone()
+            buf.combine(y, result.handle)
+            torch.cuda.synchronize()
+            dist.barrier()
+            iters = 10
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(iters):
+                    result = buf.dispatch(x, idx, weights)
+                    buf.combine(y, result.handle)
+                torch.cuda.synchronize()
+            dist.barrier()
+            totals = defaultdict(float)
+            for avg in prof.key_averages():
+                device_us = getattr(avg, "self_device_time_total", None)
+                if device_us is None:
+                    device_us = avg.self_cuda_time_total
+                if "hep::" in avg.key and device_us > 0:
+                    totals[avg.key.rsplit("(", 1)[0].split("::")[-1]] += device_us / iters
+            if rank == 0:
+                print(f"\n== {torch.cuda.get_device_name(0)}, W={W} H={H} T={T} E={E} K={K} bf16 uniform, "
+                      f"num_sms={num_sms}; rank 0 sends {off_gpu_bytes / 1e6:.1f} MB off-GPU per dispatch")
+                for name, us in sorted(totals.items(), key=lambda kv: -kv[1]):
+                    extra = ""
+                    if name.startswith("send_kernel"):
+                        extra = f"   ({off_gpu_bytes / us / 1e3:.0f} GB/s off-GPU)"
+                    print(f"  {name:28s} {us:9.1f} us{extra}")
+                print(f"  {'total':28s} {sum(totals.values()):9.1f} us")
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, default=torch.cuda.device_count())
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--local-experts", type=int, default=8)
+    parser.add_argument("--num-sms", type=int, nargs="+", default=[24])
+    args = parser.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        args.port = s.getsockname()[1]
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    mp.spawn(worker, args=(args,), nprocs=args.ranks, join=True)
+
+
+if __name__ == "__main__":
+    main()
