@@ -51,6 +51,7 @@ struct WorkspaceOffsets {
   int64_t src_tokens; // [W] int32: n of every source in the current call
   int64_t epoch;          // uint64: dispatches completed; uint32 "blocks done" right after it
   int64_t combine_epoch;  // uint64: combines completed; uint32 "blocks done" right after it
+  int64_t broken;         // uint32: set once any wait of this buffer timed out (sticky)
   int64_t total;
 };
 
@@ -102,6 +103,7 @@ inline WorkspaceOffsets make_offsets(const Sizes& s) {
   o.src_tokens = take(4 * W);
   o.epoch = take(16);
   o.combine_epoch = take(16);
+  o.broken = take(16);
   o.total = at;
   return o;
 }

@@ -19,29 +19,43 @@ enum WaitPhase : uint32_t {
   kPhaseCombinePartials = 3,  // waiting for a peer's combine partials
 };
 
-__device__ __forceinline__ bool timed_out_before(hep_error_block_t* errors) {
-  return ptx::ld_relaxed_sys(&errors->counts[HEP_ERROR_TIMEOUT]) != 0;
+// Where a kernel's waits report to. `broken` is a device-memory copy of "a wait has
+// timed out", so kernels can check it cheaply (the error block is host memory: every
+// read of it crosses PCIe).
+struct WaitContext {
+  hep_error_block_t* errors;  // host-mapped: the host reads phase and peer here
+  uint32_t* broken;           // device memory: sticky, never cleared for this buffer
+  uint64_t timeout_ns;
+};
+
+// A kernel's wait context from its parameter block (errors, local, off, timeout_ns).
+template <typename Params>
+__device__ __forceinline__ WaitContext wait_context(const Params& p) {
+  return {p.errors, reinterpret_cast<uint32_t*>(static_cast<char*>(p.local) + p.off.broken), p.timeout_ns};
 }
+
+__device__ __forceinline__ bool timed_out_before(const WaitContext& w) { return ptx::ld_relaxed_sys(w.broken) != 0; }
 
 // Acquires `counter` >= `expected`: after true, everything the peer released with
 // the counter update is visible to the calling thread (share it with the block by a
 // __syncthreads that follows).
-__device__ __forceinline__ bool wait_counter_at_least(const uint64_t* counter, uint64_t expected, uint64_t timeout_ns,
-                                                      hep_error_block_t* errors, uint32_t phase, uint32_t peer) {
+__device__ __forceinline__ bool wait_counter_at_least(const uint64_t* counter, uint64_t expected, const WaitContext& w,
+                                                      uint32_t phase, uint32_t peer) {
   if (ptx::ld_acquire_sys(counter) >= expected) return true;
   const uint64_t start = ptx::globaltimer_ns();
   for (uint32_t spins = 1;; ++spins) {
     if (ptx::ld_acquire_sys(counter) >= expected) return true;
-    if (spins % 256 == 0) {  // the clock and the host-mapped word are slower to read
-      if (timed_out_before(errors)) return false;
-      if (ptx::globaltimer_ns() - start > timeout_ns) {
+    if (spins % 256 == 0) {  // the clock is slower to read than the counter
+      if (timed_out_before(w)) return false;
+      if (ptx::globaltimer_ns() - start > w.timeout_ns) {
         // The first waiter to give up names the phase and peer; reserved is the claim.
-        if (atomicCAS_system(&errors->reserved, 0u, 1u) == 0u) {
-          errors->timeout_phase = phase;
-          errors->timeout_peer = peer;
+        if (atomicCAS_system(&w.errors->reserved, 0u, 1u) == 0u) {
+          w.errors->timeout_phase = phase;
+          w.errors->timeout_peer = peer;
           __threadfence_system();  // phase and peer before the count the host looks at
-          atomicAdd_system(&errors->counts[HEP_ERROR_TIMEOUT], 1u);
+          atomicAdd_system(&w.errors->counts[HEP_ERROR_TIMEOUT], 1u);
         }
+        atomicExch(w.broken, 1u);
         return false;
       }
     }
@@ -51,10 +65,10 @@ __device__ __forceinline__ bool wait_counter_at_least(const uint64_t* counter, u
 // Every thread t < num_peers waits for counters[t]; returns the block-wide verdict.
 // Every thread of the block must call it.
 __device__ __forceinline__ bool block_wait_all_peers(const uint64_t* counters, int num_peers, uint64_t expected,
-                                                     uint64_t timeout_ns, hep_error_block_t* errors, uint32_t phase) {
+                                                     const WaitContext& w, uint32_t phase) {
   bool ok = true;
   for (int peer = threadIdx.x; peer < num_peers; peer += blockDim.x) {
-    ok &= wait_counter_at_least(counters + peer, expected, timeout_ns, errors, phase, peer);
+    ok &= wait_counter_at_least(counters + peer, expected, w, phase, peer);
   }
   return __syncthreads_and(ok);
 }

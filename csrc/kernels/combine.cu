@@ -11,6 +11,7 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
+constexpr int kLoadsInFlight = 8;  // 16-byte loads a lane issues before it needs the first
 
 struct Float8 {
   float v[8];
@@ -50,7 +51,7 @@ __device__ __forceinline__ uint64_t current_combine(const CombineParams& p) {
 __global__ void __launch_bounds__(kThreads) reduce_kernel(const __grid_constant__ CombineParams p) {
   const Sizes& s = p.sizes;
   const int W = s.world, K = s.top_k, T = s.max_tokens;
-  const bool broken = timed_out_before(p.errors);
+  const bool broken = timed_out_before(wait_context(p));
   const int parity = static_cast<int>(current_combine(p) & 1);
   const int32_t* src_tokens = at<const int32_t>(p.local, p.off.src_tokens);
   const int32_t* first_row = at<const int32_t>(p.local, p.off.first_row);
@@ -75,18 +76,28 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(const __grid_constant_
     }
     __syncwarp();
     int4* dst = reinterpret_cast<int4*>(partials(p.peers[source], s, p.off, parity, s.rank, t));
+    const int4* y = static_cast<const int4*>(p.y);
     for (int v = lane; v < vectors; v += 32) {
       Float8 acc;
 #pragma unroll
       for (int i = 0; i < 8; ++i) acc.v[i] = 0.f;
-      for (int k = 0; k < K; ++k) {  // ascending k
-        const int32_t row = rows[k];
-        const float w = row_weights[k];
-        if (row < 0) continue;
-        const Float8 y = unpack_bf16x8(ptx::ld_nc_v4(reinterpret_cast<const int4*>(
-            static_cast<const __nv_bfloat16*>(p.y) + (int64_t)row * s.hidden) + v));
+      for (int k0 = 0; k0 < K; k0 += kLoadsInFlight) {
+        // All loads of a group first (latency), then the sums in ascending k (the SPEC's order).
+        int4 raw[kLoadsInFlight];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) acc.v[i] = __fadd_rn(acc.v[i], p.weighted ? __fmul_rn(y.v[i], w) : y.v[i]);
+        for (int j = 0; j < kLoadsInFlight; ++j) {
+          const int k = k0 + j;
+          if (k < K && rows[k] >= 0) raw[j] = ptx::ld_nc_v4(y + (int64_t)rows[k] * vectors + v);
+        }
+#pragma unroll
+        for (int j = 0; j < kLoadsInFlight; ++j) {
+          const int k = k0 + j;
+          if (k >= K || rows[k] < 0) continue;
+          const Float8 term = unpack_bf16x8(raw[j]);
+          const float w = row_weights[k];
+#pragma unroll
+          for (int i = 0; i < 8; ++i) acc.v[i] = __fadd_rn(acc.v[i], p.weighted ? __fmul_rn(term.v[i], w) : term.v[i]);
+        }
       }
       ptx::st_global_v4(dst + v, pack_bf16x8_rn(acc));
     }
@@ -106,8 +117,7 @@ __global__ void __launch_bounds__(kThreads) gather_kernel(const __grid_constant_
   const uint64_t combine = current_combine(p);
   const int parity = static_cast<int>(combine & 1);
   const bool ok = block_wait_all_peers(at<uint64_t>(p.local, p.off.combine_arrivals), W,
-                                       combine * static_cast<uint64_t>(p.send_blocks), p.timeout_ns, p.errors,
-                                       kPhaseCombinePartials);
+                                       combine * static_cast<uint64_t>(p.send_blocks), wait_context(p), kPhaseCombinePartials);
   const int n = at<const int32_t>(p.local, p.off.src_tokens)[s.rank];
   const int32_t* send_row = at<const int32_t>(p.local, p.off.send_row);
   const int lane = threadIdx.x % 32;
@@ -126,12 +136,25 @@ __global__ void __launch_bounds__(kThreads) gather_kernel(const __grid_constant_
       Float8 acc;
 #pragma unroll
       for (int i = 0; i < 8; ++i) acc.v[i] = 0.f;
-      for (uint64_t left = holders; left; left &= left - 1) {  // ascending destination rank
-        const int r = __ffsll(static_cast<long long>(left)) - 1;
-        const Float8 part = unpack_bf16x8(ptx::ld_global_v4(
-            reinterpret_cast<const int4*>(partials(p.local, s, p.off, parity, r, t)) + v));
+      for (uint64_t left = holders; left;) {
+        // Loads of up to kLoadsInFlight partials first, then the sums in ascending rank.
+        int4 raw[kLoadsInFlight];
+        int taken = 0;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) acc.v[i] = __fadd_rn(acc.v[i], part.v[i]);
+        for (int j = 0; j < kLoadsInFlight; ++j) {
+          if (left == 0) break;
+          const int r = __ffsll(static_cast<long long>(left)) - 1;
+          left &= left - 1;
+          raw[j] = ptx::ld_global_v4(reinterpret_cast<const int4*>(partials(p.local, s, p.off, parity, r, t)) + v);
+          ++taken;
+        }
+#pragma unroll
+        for (int j = 0; j < kLoadsInFlight; ++j) {
+          if (j >= taken) break;
+          const Float8 part = unpack_bf16x8(raw[j]);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) acc.v[i] = __fadd_rn(acc.v[i], part.v[i]);
+        }
       }
       ptx::st_global_v4(dst + v, pack_bf16x8_rn(acc));
     }

@@ -42,7 +42,7 @@ __device__ __forceinline__ uint64_t call_epoch(const DispatchParams& p) {
 __global__ void __launch_bounds__(kCopyThreads) send_kernel(const __grid_constant__ DispatchParams p) {
   const Sizes& s = p.sizes;
   const int W = s.world;
-  const bool broken = timed_out_before(p.errors);
+  const bool broken = timed_out_before(wait_context(p));
   const int n = *at<const int32_t>(p.local, p.off.src_tokens + 4 * s.rank);
   const int32_t* send_row = at<const int32_t>(p.local, p.off.send_row);
   const int lane = threadIdx.x % 32;
@@ -74,8 +74,7 @@ __global__ void __launch_bounds__(kCopyThreads) expand_kernel(const __grid_const
   const int W = s.world, K = s.top_k, T = s.max_tokens;
   const uint64_t epoch = call_epoch(p);
   const bool ok = block_wait_all_peers(at<uint64_t>(p.local, p.off.data_arrivals), W,
-                                       epoch * static_cast<uint64_t>(p.send_blocks), p.timeout_ns, p.errors,
-                                       kPhaseDispatchPayload);
+                                       epoch * static_cast<uint64_t>(p.send_blocks), wait_context(p), kPhaseDispatchPayload);
   const int32_t* src_tokens = at<const int32_t>(p.local, p.off.src_tokens);
   const int32_t* first_row = at<const int32_t>(p.local, p.off.first_row);
   const int32_t* row_of = at<const int32_t>(p.local, p.off.row_of);

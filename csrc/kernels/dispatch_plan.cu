@@ -19,7 +19,7 @@ constexpr int kPublishThreads = 256;
 template <typename IndexT>
 __global__ void __launch_bounds__(kPublishThreads) publish_routing_kernel(const __grid_constant__ DispatchParams p) {
   const Sizes& s = p.sizes;
-  if (timed_out_before(p.errors)) return;  // the buffer is dead; touch no peer
+  if (timed_out_before(wait_context(p))) return;  // the buffer is dead; touch no peer
   const uint64_t epoch = current_epoch(p);
   const int parity = static_cast<int>(epoch & 1);
   const int K = s.top_k;
@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(kScanThreads) scan_kernel(const __grid_constan
   const int parity = static_cast<int>(epoch & 1);
   const int K = s.top_k;
   if (!block_wait_all_peers(at<uint64_t>(p.local, p.off.meta_arrivals), s.world, epoch * kPublishBlocks,
-                            p.timeout_ns, p.errors, kPhaseDispatchRouting)) {
+                            wait_context(p), kPhaseDispatchRouting)) {
     return;
   }
 
@@ -189,7 +189,7 @@ __device__ __forceinline__ int32_t row_slot(const Sizes& s, const int32_t* writt
 // row_expert. Block 0 also writes counts, offsets and zero padding.
 __global__ void __launch_bounds__(kPlaceThreads) place_kernel(const __grid_constant__ DispatchParams p) {
   const Sizes& s = p.sizes;
-  if (timed_out_before(p.errors)) return;
+  if (timed_out_before(wait_context(p))) return;
   const uint64_t epoch = current_epoch(p);
   const int parity = static_cast<int>(epoch & 1);
   const int W = s.world, K = s.top_k, L = s.local_experts, T = s.max_tokens;
