@@ -7,6 +7,7 @@ reference backend (pure torch) defines the semantics and runs anywhere.
 from .buffer import DispatchHandle, DispatchResult, EPBuffer, cuda_backend_unavailable_reason
 from .config import BATCHED, CONTIGUOUS
 from .errors import BufferClosedError, ErrorKind, HybridEPError, PeerTimeoutError, RoutingDataError
+from .peer_memory import mapped_peer_buffers
 
 __version__ = "0.1.0"
 
@@ -22,4 +23,5 @@ __all__ = [
     "PeerTimeoutError",
     "RoutingDataError",
     "cuda_backend_unavailable_reason",
+    "mapped_peer_buffers",
 ]

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from dist_utils import spawn
 from gpu_helpers import (assert_dispatch_equal, assert_same_errors, dispatch, make_buffer, max_over_ranks, poison,
                          to_device)
-from hybrid_ep_infer import BufferClosedError, PeerTimeoutError
+from hybrid_ep_infer import BufferClosedError, PeerTimeoutError, mapped_peer_buffers
 from moe_cases import Case, make_inputs
 
 GPU_ROUTINGS = ("random", "skewed", "masked", "invalid", "repeated", "empty_rank", "ragged")
@@ -191,6 +191,7 @@ def smoke_worker(rank: int, world_size: int) -> None:
         check_case(rank, case, ("int", "device", "default")[i % 3])
     run_graph_replay(rank, world_size, replays=100)
     run_missing_peer(rank, world_size)
+    assert mapped_peer_buffers() == 0, "closed buffers left peer mappings behind"
 
 
 def full_worker(rank: int, world_size: int) -> None:
@@ -201,6 +202,7 @@ def full_worker(rank: int, world_size: int) -> None:
     if world_size == 4:
         time_dispatch(rank, world_size)
     run_missing_peer(rank, world_size)
+    assert mapped_peer_buffers() == 0, "closed buffers left peer mappings behind"
 
 
 @pytest.mark.gpu

@@ -124,3 +124,25 @@ def test_validate_routing_kernel_replays_in_a_cuda_graph():
                 invalid, repeated)
     finally:
         ctx.close()
+
+
+def test_workspace_layout_matches_the_readme_formula():
+    """The CUDA workspace (sized by the C library) against the README's formula."""
+    import ctypes
+
+    library_or_skip()
+    W, H, T, E, K = 4, 7168, 4096, 32, 8
+    L, R = E // W, 4 * 4096 * 8
+    desc = _native.BufferDesc(ctypes.sizeof(_native.BufferDesc), _native.API_VERSION, 1, W, H, T, E, K, 2, 0, 0, 1,
+                              R, 24, 10**9)
+    layout = _native.workspace_layout(desc)
+    outputs = R * H * 2 + R * 8 + L * 4 + (L + 1) * 4 + T * H * 2
+    exchange = 2 * W * T * H * 2 + 2 * W * (16 + 8 * T * K) + 8 * W * T * K + 8 * W * T + 4 * W * E
+    regions = 24
+    assert outputs + exchange <= layout.total_bytes <= outputs + exchange + 3 * W * 8 + regions * 128 + 4 * W
+    for offset in (layout.hidden, layout.weights, layout.row_expert, layout.offsets, layout.combine_out):
+        assert offset % 128 == 0 and offset < layout.total_bytes
+    # A bad description is refused with a reason.
+    desc.top_k = 0
+    with pytest.raises(_native.NativeError, match="top_k"):
+        _native.workspace_layout(desc)
