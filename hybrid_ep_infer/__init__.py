@@ -8,6 +8,7 @@ from .buffer import DispatchHandle, DispatchResult, EPBuffer, cuda_backend_unava
 from .config import BATCHED, CONTIGUOUS
 from .errors import BufferClosedError, ErrorKind, HybridEPError, PeerTimeoutError, RoutingDataError
 from .peer_memory import mapped_peer_buffers
+from . import ops  # registers torch.ops.hybrid_ep_infer.{dispatch,combine}
 
 __version__ = "0.1.0"
 
@@ -24,4 +25,5 @@ __all__ = [
     "RoutingDataError",
     "cuda_backend_unavailable_reason",
     "mapped_peer_buffers",
+    "ops",
 ]

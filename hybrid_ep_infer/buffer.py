@@ -6,6 +6,7 @@ See ``../shared/SPEC.md`` (the contract) and the README for the memory formula.
 from __future__ import annotations
 
 import itertools
+import weakref
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -23,6 +24,16 @@ BACKENDS = ("auto", "cuda", "reference")
 DEFAULT_TIMEOUT_S = 100.0
 
 _buffer_ids = itertools.count(1)
+# Live buffers by id: how the custom ops (ops.py) reach a buffer without passing a
+# Python object through a traced graph.
+_live_buffers: "weakref.WeakValueDictionary[int, EPBuffer]" = weakref.WeakValueDictionary()
+
+
+def live_buffer(buffer_id: int) -> "EPBuffer":
+    buffer = _live_buffers.get(buffer_id)
+    if buffer is None:
+        raise ValueError(f"no live EPBuffer has id {buffer_id} (closed or garbage-collected?)")
+    return buffer
 
 
 @dataclass(frozen=True)
@@ -156,6 +167,8 @@ class EPBuffer:
             self._backend = ReferenceBackend(self.config, group, self.device)
         self._id = next(_buffer_ids)
         self._generation = 0
+        self._latest: DispatchHandle | None = None
+        _live_buffers[self._id] = self
         self._closed = False
         self._broken: str | None = None
 
@@ -218,13 +231,10 @@ class EPBuffer:
         """
         self._check_usable()
         args = check_dispatch_args(self.config, self.device, x, topk_idx, topk_weights, scales, num_tokens)
-        state = self._backend.dispatch(args)
-        self._generation += 1
-        handle = DispatchHandle(self._id, self._generation, args.num_rows, state)
-        b = self._backend
-        result = DispatchResult(b.hidden, b.scales, b.weights, b.row_expert, b.tokens_per_expert, b.offsets, handle)
+        out = self._backend.outputs
+        handle = self._dispatch(args, out)
         self._maybe_check_errors()
-        return result
+        return DispatchResult(*out, handle)
 
     def combine(self, y: torch.Tensor, handle: DispatchHandle, *, out: torch.Tensor | None = None,
                 weighted: bool = True) -> torch.Tensor:
@@ -253,9 +263,17 @@ class EPBuffer:
         if not isinstance(weighted, bool):
             raise TypeError(f"weighted must be a bool, got {type(weighted).__name__}")
         check_combine_args(self.config, self.device, y, out, handle.num_rows)
-        result = self._backend.combine(y, handle.state, handle.num_rows, out, weighted)
+        result = self._backend.combine(y, handle.state, handle.num_rows, out, weighted, self._backend.weights)
         self._maybe_check_errors()
         return result
+
+    # ------------------------------------------------------------------ shared by the eager API and the custom ops
+
+    def _dispatch(self, args, out) -> DispatchHandle:
+        state = self._backend.dispatch(args, out)
+        self._generation += 1
+        self._latest = DispatchHandle(self._id, self._generation, args.num_rows, state)
+        return self._latest
 
     # ------------------------------------------------------------------ errors and lifetime
 
@@ -282,6 +300,7 @@ class EPBuffer:
         """Release every allocation (and peer mapping). Idempotent."""
         if not self._closed:
             self._closed = True
+            _live_buffers.pop(self._id, None)
             self._backend.close()
 
     def __enter__(self) -> "EPBuffer":

@@ -15,7 +15,7 @@ from . import _native
 from .config import CONTIGUOUS, BufferConfig
 from .errors import ErrorSnapshot
 from .peer_memory import PeerWorkspace
-from .validation import DispatchArgs
+from .validation import DispatchArgs, DispatchOutputs
 
 DEFAULT_NUM_SMS = 24
 # "auto" picks the CUDA backend only where it implements both dispatch and combine.
@@ -40,6 +40,7 @@ class CudaBackend:
             layout=0 if c.layout == CONTIGUOUS else 1, pad_multiple=c.pad_multiple, capacity=c.capacity,
             num_sms=num_sms or DEFAULT_NUM_SMS, timeout_ns=int(timeout_s * 1e9))
         self.layout = _native.workspace_layout(self.desc)
+        self.output_copies = 0  # dispatches that had to copy into a compiler's functional outputs
         self.context = _native.NativeContext(device)
         self.workspace = None
         try:
@@ -69,12 +70,26 @@ class CudaBackend:
     def nbytes(self) -> int:
         return self.layout.total_bytes
 
-    def dispatch(self, args: DispatchArgs) -> None:
+    @property
+    def outputs(self) -> DispatchOutputs:
+        return DispatchOutputs(self.hidden, self.scales, self.weights, self.row_expert, self.tokens_per_expert,
+                               self.offsets)
+
+    def dispatch(self, args: DispatchArgs, out: DispatchOutputs) -> None:
+        """Kernels write the workspace (peers write into it directly). Where ``out`` is
+        another set of tensors (a compiler's functional copies), the results are copied
+        there too."""
         self.context.dispatch(args.x, args.scales, args.topk_idx, args.topk_weights, args.num_tokens,
                               args.num_tokens_device)
+        for target, source in zip(out, self.outputs):
+            if target is not None and target.data_ptr() != source.data_ptr():
+                target.copy_(source)
+                self.output_copies += 1
         return None
 
-    def combine(self, y: torch.Tensor, state, num_rows: int, out: torch.Tensor | None, weighted: bool) -> torch.Tensor:
+    def combine(self, y: torch.Tensor, state, num_rows: int, out: torch.Tensor | None, weighted: bool,
+                weights: torch.Tensor) -> torch.Tensor:
+        """Reads the plan and weights of the latest dispatch from the workspace."""
         target = out if out is not None else self.combine_out[:num_rows]
         self.context.combine(y, target, num_rows, weighted)
         return target

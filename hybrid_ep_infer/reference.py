@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from .config import CONTIGUOUS, BufferConfig, align_up
 from .errors import ERROR_BLOCK_WORDS, ErrorKind, ErrorSnapshot
-from .validation import DispatchArgs
+from .validation import DispatchArgs, DispatchOutputs
 
 
 def sanitize_routing(topk_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, int, int]:
@@ -105,7 +105,13 @@ class ReferenceBackend:
 
     # ------------------------------------------------------------------ dispatch
 
-    def dispatch(self, args: DispatchArgs) -> ReferenceRows:
+    @property
+    def outputs(self) -> DispatchOutputs:
+        return DispatchOutputs(self.hidden, self.scales, self.weights, self.row_expert, self.tokens_per_expert,
+                               self.offsets)
+
+    def dispatch(self, args: DispatchArgs, out: DispatchOutputs) -> ReferenceRows:
+        """Writes this rank's dispatch output into ``out`` (normally ``self.outputs``)."""
         c = self.config
         W, T, K, H = c.world_size, c.max_tokens, c.top_k, c.hidden
 
@@ -151,22 +157,22 @@ class ReferenceBackend:
         src_rank, src_token, slot = pos // (T * K), (pos // K) % T, pos % K
 
         # 5. Write the outputs. Payloads move as bytes: carried verbatim, any dtype.
-        hidden = _as_bytes(self.hidden.view(-1, H))
+        hidden = _as_bytes(out.hidden.view(-1, H))
         hidden[dest] = x_all.view(W * T, -1)[src_rank * T + src_token]
-        self.weights.view(-1)[dest] = weights_all[src_rank, src_token, slot]
-        self.row_expert.fill_(-1)
-        self.row_expert.view(-1)[dest] = expert.to(torch.int32)
+        out.weights.view(-1)[dest] = weights_all[src_rank, src_token, slot]
+        out.row_expert.fill_(-1)
+        out.row_expert.view(-1)[dest] = expert.to(torch.int32)
         if c.is_fp8:
-            self.scales.view(-1, c.num_scale_blocks)[dest] = scales_all[src_rank, src_token]
+            out.scales.view(-1, c.num_scale_blocks)[dest] = scales_all[src_rank, src_token]
         if c.layout == CONTIGUOUS:  # zero padding rows, weight 0
             for e in range(c.num_local_experts):
                 lo, hi = offsets[e] + written[e], offsets[e + 1]
                 hidden[lo:hi] = 0
-                self.weights[lo:hi] = 0
+                out.weights[lo:hi] = 0
                 if c.is_fp8:
-                    self.scales[lo:hi] = 0
-            self.offsets.copy_(torch.tensor(offsets, dtype=torch.int32))
-        self.tokens_per_expert.copy_(torch.tensor(written, dtype=torch.int32))
+                    out.scales[lo:hi] = 0
+            out.offsets.copy_(torch.tensor(offsets, dtype=torch.int32))
+        out.tokens_per_expert.copy_(torch.tensor(written, dtype=torch.int32))
         return ReferenceRows(dest, src_rank, src_token, slot, n)
 
     def _place(self, rows_per_expert: list[int]) -> tuple[list[int], list[int]]:
@@ -183,7 +189,9 @@ class ReferenceBackend:
 
     # ------------------------------------------------------------------ combine
 
-    def combine(self, y: torch.Tensor, rows: ReferenceRows, num_rows: int, out, weighted: bool) -> torch.Tensor:
+    def combine(self, y: torch.Tensor, rows: ReferenceRows, num_rows: int, out, weighted: bool,
+                weights: torch.Tensor) -> torch.Tensor:
+        """``weights``: the dispatch output's weights (normally ``self.weights``)."""
         c = self.config
         W, T, K, H = c.world_size, c.max_tokens, c.top_k, c.hidden
 
@@ -191,7 +199,7 @@ class ReferenceBackend:
         # ascending k of fp32(w * y), separate multiply and add, then one bf16 rounding.
         term = y.reshape(-1, H)[rows.dest].float()
         if weighted:
-            term = term * self.weights.view(-1)[rows.dest].unsqueeze(1)
+            term = term * weights.reshape(-1)[rows.dest].unsqueeze(1)
         acc = torch.zeros(W, T, H, device=y.device)
         for k in range(K):
             sel = (rows.slot == k).nonzero().squeeze(1)

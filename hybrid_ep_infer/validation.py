@@ -7,6 +7,7 @@ launched before all of them pass. ``assert`` is never used: it vanishes under -O
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -27,6 +28,17 @@ class DispatchArgs:
     @property
     def num_rows(self) -> int:
         return self.x.shape[0]
+
+
+class DispatchOutputs(NamedTuple):
+    """The tensors a dispatch writes (SPEC section 3); scales/offsets may be None."""
+
+    hidden: torch.Tensor
+    scales: torch.Tensor | None
+    weights: torch.Tensor
+    row_expert: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    offsets: torch.Tensor | None
 
 
 def _check_tensor(name: str, t, *, dtypes, shape, device: torch.device, aligned: bool = False) -> None:

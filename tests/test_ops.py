@@ -1,0 +1,161 @@
+"""Custom ops on the reference backend (CPU): opcheck, torch.compile(fullgraph=True) of
+two MoE layers sharing one buffer (equal to eager, ops kept in program order), and
+the per-call overhead of the op path."""
+
+import time
+
+import pytest
+import torch
+
+from dist_utils import spawn
+from hybrid_ep_infer import EPBuffer, ops
+
+H, T, E, K = 128, 16, 8, 2
+
+
+def make_buffer(**kw):
+    args = dict(hidden=H, max_tokens=T, num_experts=E, top_k=K, backend="reference", pad_multiple=4)
+    args.update(kw)
+    return EPBuffer(**args)
+
+
+def routing(seed: int, m: int = T):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, H, generator=g).to(torch.bfloat16)
+    logits = torch.randn(m, E, generator=g)
+    return x, logits
+
+
+def moe_layer(buffer, x, logits, expert_scales):
+    """routing -> dispatch -> experts (a per-expert scale) -> combine."""
+    weights, idx = torch.softmax(logits, dim=-1).topk(K)
+    dispatched = ops.dispatch(buffer, x, idx, weights)
+    expert = dispatched.row_expert.clamp(min=0).long()
+    y = (dispatched.hidden.float() * expert_scales[expert].unsqueeze(-1)).to(torch.bfloat16)
+    return ops.combine(buffer, y, dispatched, idx)
+
+
+def two_layers(buffer, x, logits1, logits2, expert_scales):
+    h = moe_layer(buffer, x, logits1, expert_scales)
+    return moe_layer(buffer, h, logits2, expert_scales)
+
+
+def test_opcheck_dispatch_and_combine(one_rank_group):
+    with make_buffer() as buf:
+        x, logits = routing(0)
+        weights, idx = torch.softmax(logits, dim=-1).topk(K)
+        out = buf._backend.outputs
+        n = torch.tensor([T - 3], dtype=torch.int32)
+        for num_tokens_device, num_tokens in ((None, -1), (None, 5), (n, -1)):
+            torch.library.opcheck(torch.ops.hybrid_ep_infer.dispatch.default,
+                                  (buf._id, x, idx, weights, None, num_tokens_device, num_tokens, out.hidden,
+                                   out.scales, out.weights, out.row_expert, out.tokens_per_expert, out.offsets))
+        ops.dispatch(buf, x, idx, weights)
+        y = out.hidden.clone()
+        combined = torch.empty(T, H, dtype=torch.bfloat16)
+        for weighted in (True, False):
+            torch.library.opcheck(torch.ops.hybrid_ep_infer.combine.default,
+                                  (buf._id, y, idx, out.weights, out.row_expert, out.tokens_per_expert, out.offsets,
+                                   weighted, combined))
+
+
+def test_ops_match_the_eager_api(one_rank_group):
+    with make_buffer() as buf:
+        x, logits = routing(1)
+        weights, idx = torch.softmax(logits, dim=-1).topk(K)
+        eager = buf.dispatch(x, idx, weights)
+        want = buf.combine(eager.hidden.clone(), eager.handle, out=torch.empty(T, H, dtype=torch.bfloat16))
+        got_d = ops.dispatch(buf, x, idx, weights, num_tokens=torch.tensor([T], dtype=torch.int32))
+        got = ops.combine(buf, got_d.hidden.clone(), got_d, idx)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+        with pytest.raises(ValueError, match="rows"):
+            ops.combine(buf, got_d.hidden.clone(), got_d, idx, out=torch.empty(T - 1, H, dtype=torch.bfloat16))
+
+
+def op_order(graph: torch.fx.Graph) -> list[str]:
+    """Our ops in graph order, direct or wrapped by auto_functionalized."""
+    names = []
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        target = node.target
+        if "auto_functionalized" in str(target) and node.args:
+            target = node.args[0]
+        name = str(target)
+        if "hybrid_ep_infer" in name:
+            names.append("dispatch" if "dispatch" in name else "combine")
+    return names
+
+
+def check_compiled_two_layers(backend: str, record_graphs: bool) -> None:
+    with make_buffer() as buf:
+        expert_scales = torch.tensor([0.5, 2.0, -1.0, 0.25, 1.5, -0.5, 3.0, 1.0])[: buf.num_local_experts]
+        x, logits1 = routing(2)
+        _, logits2 = routing(3)
+        want = two_layers(buf, x, logits1, logits2, expert_scales).clone()
+
+        dynamo_graphs, aot_graphs = [], []
+        if record_graphs:
+            from torch._dynamo.backends.common import aot_autograd
+
+            def fw_compiler(gm, example_inputs):
+                aot_graphs.append(gm.graph)
+                return gm.forward
+
+            aot_backend = aot_autograd(fw_compiler=fw_compiler)
+
+            def compile_backend(gm, example_inputs):
+                dynamo_graphs.append(gm.graph)
+                return aot_backend(gm, example_inputs)
+        else:
+            compile_backend = backend
+        torch._dynamo.reset()
+        compiled = torch.compile(two_layers, fullgraph=True, backend=compile_backend)
+        got = compiled(buf, x, logits1, logits2, expert_scales)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+        for seed in range(4, 7):  # fresh routing, same compiled graph
+            x, logits1 = routing(seed)
+            want = two_layers(buf, x, logits1, logits2, expert_scales).clone()
+            got = compiled(buf, x, logits1, logits2, expert_scales)
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+        if record_graphs:
+            assert len(dynamo_graphs) == 1, "fullgraph: one graph"
+            order = ["dispatch", "combine", "dispatch", "combine"]
+            assert op_order(dynamo_graphs[0]) == order
+            assert op_order(aot_graphs[0]) == order, aot_graphs[0]
+
+
+def test_compile_two_layers_program_order(one_rank_group):
+    check_compiled_two_layers("aot_eager", record_graphs=True)
+
+
+def test_compile_two_layers_inductor(one_rank_group):
+    check_compiled_two_layers("inductor", record_graphs=False)
+
+
+def two_rank_worker(rank: int, world_size: int) -> None:
+    check_compiled_two_layers("aot_eager", record_graphs=True)
+
+
+def test_compile_two_layers_two_ranks():
+    spawn(2, two_rank_worker)
+
+
+def test_op_path_overhead(one_rank_group):
+    """Per-call Python overhead of the op path over the method (reported, not asserted)."""
+    with make_buffer() as buf:
+        x, logits = routing(9)
+        weights, idx = torch.softmax(logits, dim=-1).topk(K)
+
+        def per_call(fn, reps=200):
+            for _ in range(10):
+                fn()
+            start = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            return (time.perf_counter() - start) / reps * 1e6
+
+        method = per_call(lambda: buf.dispatch(x, idx, weights))
+        op = per_call(lambda: ops.dispatch(buf, x, idx, weights))
+        print(f"\n[op overhead] reference dispatch, 1 rank, CPU: method {method:.0f} us/call, op {op:.0f} us/call, "
+              f"difference {op - method:.0f} us")
