@@ -14,7 +14,9 @@ H, T, E_PER_RANK, K = 2048, 64, 4, 2
 
 
 def layer(buffer, x, logits, expert_scales):
-    weights, idx = torch.softmax(logits, dim=-1).topk(K)
+    # Top-k of the raw logits: exact in any compiled kernel (a softmax could round
+    # differently under inductor, and this test compares bits).
+    weights, idx = logits.topk(K)
     dispatched = ops.dispatch(buffer, x, idx, weights)
     expert = dispatched.row_expert.clamp(min=0).long()
     y = (dispatched.hidden.float() * expert_scales[expert].unsqueeze(-1)).to(torch.bfloat16)
@@ -45,7 +47,12 @@ def worker(rank: int, world_size: int) -> None:
 
     compiled = torch.compile(two_layers, fullgraph=True)
     got = compiled(cud, x, l1, l2, scales).clone()
-    assert torch.equal(got.view(torch.int16), want.view(torch.int16)), "compiled != reference"
+    if not torch.equal(got.view(torch.int16), want.view(torch.int16)):
+        compiled_ref = torch.compile(two_layers, fullgraph=True)(ref, x, l1, l2, scales).clone()
+        raise AssertionError(
+            f"compiled CUDA != reference: {(got != want).sum().item()} elements differ; compiled reference "
+            f"{'equals' if torch.equal(compiled_ref, want) else 'differs from'} eager reference; output copies "
+            f"{cud._backend.output_copies}")
 
     # Capture the compiled layers once; replay with fresh inputs in the same tensors.
     static = [t.clone() for t in (x, l1, l2)]
