@@ -6,15 +6,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import hybrid_ep_infer
 from dist_utils import free_port
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def test_readme_example_runs(tmp_path):
+@pytest.mark.parametrize("section_title", ["## Example", "## torch.compile and CUDA graphs"])
+def test_readme_example_runs(tmp_path, section_title):
     text = README.read_text()
-    section = text.split("## Example", 1)[1]
+    section = text.split(section_title, 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     script = tmp_path / "example.py"
     script.write_text(code)
