@@ -49,7 +49,7 @@ for tier in "${tiers[@]}"; do
   [ "$status" -eq 0 ] || break
   if [ "$tier" = bench ] && python3 -c 'import hybrid_ep_infer.bench' 2>/dev/null; then
     echo "== benchmark"
-    python3 -m hybrid_ep_infer.bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1
+    python3 -m hybrid_ep_infer.bench --json "$OUT/bench.json" --plot "$OUT/bench.png" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || status=1
   fi
 done
 exit "$status"

@@ -1,0 +1,1 @@
+"""Graph-capture benchmark: ``python -m hybrid_ep_infer.bench --help``."""

@@ -1,0 +1,172 @@
+"""The benchmark's per-rank work: for each configuration, check ours against the
+reference once, then time ours and the baselines, eager and graph-replayed."""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.distributed as dist
+
+from .. import EPBuffer
+from .baselines import AllGatherReduceScatter, AllToAll
+from .configs import CONFIGS, BenchConfig
+from .timing import Timer
+from .workloads import SwiGLUExperts, dequantize, make_routing, quantize, traffic
+
+OURS = "hybrid_ep_infer"
+DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+
+
+def seed_of(*parts) -> int:
+    return zlib.crc32(repr(parts).encode())
+
+
+def case_inputs(cfg: BenchConfig, dtype_name: str, routing: str, n: int, device):
+    """Every rank's routing (for byte counts) and this rank's x, scales, idx, weights."""
+    W, rank = dist.get_world_size(), dist.get_rank()
+    E = cfg.local_experts * W
+    routings = [make_routing(routing, n, E, cfg.top_k, seed_of(cfg.name, routing, n, s)) for s in range(W)]
+    g = torch.Generator().manual_seed(seed_of(cfg.name, "x", n, rank))
+    x = torch.randn(n, cfg.hidden, generator=g).to(torch.bfloat16)
+    scales = None
+    if DTYPES[dtype_name] != torch.bfloat16:
+        x, scales = quantize(x)
+        scales = scales.to(device)
+    idx, weights = routings[rank]
+    return [r[0] for r in routings], x.to(device), scales, idx.to(device), weights.to(device)
+
+
+def check_against_reference(buf: EPBuffer, kw: dict, x, scales, idx, weights, device) -> None:
+    """Ours equals the reference backend: counts, row_expert, rows, and combine bits."""
+    with EPBuffer(backend="reference", device=device, **kw) as ref:
+        got, want = buf.dispatch(x, idx, weights, scales=scales), ref.dispatch(x, idx, weights, scales=scales)
+        ok = torch.equal(got.tokens_per_expert, want.tokens_per_expert) and torch.equal(got.row_expert, want.row_expert)
+        written = want.row_expert.reshape(-1) >= 0
+        H = want.hidden.shape[-1]
+        ok = ok and torch.equal(got.hidden.reshape(-1, H).view(torch.uint8)[written],
+                                want.hidden.reshape(-1, H).view(torch.uint8)[written])
+        y = torch.randn(want.hidden.shape, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16).to(device)
+        out_got = buf.combine(y, got.handle).clone()
+        out_want = ref.combine(y, want.handle)
+        ok = ok and torch.equal(out_got.view(torch.int16), out_want.view(torch.int16))
+    flag = torch.tensor([0 if ok else 1], device=device)
+    dist.all_reduce(flag)
+    if flag.item():
+        raise RuntimeError(f"correctness check failed against the reference backend on {flag.item()} rank(s)")
+
+
+def run_case(cfg: BenchConfig, dtype_name: str, routing: str, n: int, timer: Timer, rate, args, device,
+             experts: SwiGLUExperts) -> list[dict]:
+    W = dist.get_world_size()
+    dtype = DTYPES[dtype_name]
+    H, T, L, K = cfg.hidden, cfg.max_tokens, cfg.local_experts, cfg.top_k
+    all_idx, x, scales, idx, weights = case_inputs(cfg, dtype_name, routing, n, device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    dispatch_bytes = traffic(all_idx, L, H * itemsize + (H // 128 * 4 if scales is not None else 0))
+    combine_bytes = traffic(all_idx, L, H * 2)
+    cuda = device.type == "cuda"
+    backend = "cuda" if cuda else "reference"
+    ours = OURS if cuda else f"{OURS}(reference)"
+    kw = dict(hidden=H, max_tokens=T, num_experts=L * W, top_k=K, dtype=dtype, pad_multiple=16)
+    records = []
+
+    def record(op, impl, mode, timing, sms):
+        if timing is None:
+            return
+        median, p99 = timing
+        busiest = {"dispatch": dispatch_bytes.busiest_bytes, "combine": combine_bytes.busiest_bytes}
+        busiest["round_trip"] = busiest["layer"] = busiest["dispatch"] + busiest["combine"]
+        floor = busiest[op] / rate * 1e6 if rate else None
+        received = max(dispatch_bytes.recv_tokens) * H * (itemsize if op == "dispatch" else 2)
+        records.append(dict(
+            config=cfg.name, op=op, impl=impl, dtype=dtype_name, routing=routing, tokens=n, ranks=W, mode=mode,
+            time_us=median, p99_us=p99, floor_us=floor, ratio_to_floor=median / floor if floor else None,
+            busiest_offgpu_bytes=busiest[op], gbps_real=busiest[op] / median / 1e3,
+            gbps_logical=received / median / 1e3 if op in ("dispatch", "combine") else None, sms=sms))
+
+    with EPBuffer(backend=backend, num_sms=args.num_sms, **kw) as buf:
+        check_against_reference(buf, kw, x, scales, idx, weights, device)
+        state = {"result": buf.dispatch(x, idx, weights, scales=scales)}
+        y = torch.randn(state["result"].hidden.shape, generator=torch.Generator().manual_seed(1))
+        y = y.to(torch.bfloat16).to(device)
+        out = torch.empty(n, H, dtype=torch.bfloat16, device=device)
+
+        def ours_dispatch():
+            state["result"] = buf.dispatch(x, idx, weights, scales=scales)
+
+        def ours_combine():
+            buf.combine(y, state["result"].handle, out=out)
+
+        def ours_round_trip():
+            ours_dispatch()
+            ours_combine()
+
+        def ours_layer():
+            r = buf.dispatch(x, idx, weights, scales=scales)
+            rows = dequantize(r.hidden, r.scales)
+            buf.combine(experts(rows, r.offsets[1:]), r.handle, out=out)
+
+        sms = buf._backend.desc.num_sms if cuda else None
+        for op, fn in (("dispatch", ours_dispatch), ("combine", ours_combine), ("round_trip", ours_round_trip),
+                       ("layer", ours_layer)):
+            record(op, ours, "eager", timer.measure(fn), sms)
+            record(op, ours, "graph", timer.measure_graph(fn), sms)
+            ours_dispatch()  # the next op's handle is the latest dispatch
+
+    for baseline_cls in (AllGatherReduceScatter, AllToAll):
+        base = baseline_cls(world_size=W, rank=dist.get_rank(), max_tokens=T, hidden=H, local_experts=L, top_k=K,
+                            dtype=dtype, device=device)
+        rows, row_scales, ends = base.dispatch(x, idx, weights, scales)
+        yb = torch.randn(rows.shape[0], H, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16).to(device)
+
+        def b_dispatch():
+            base.dispatch(x, idx, weights, scales)
+
+        def b_combine():
+            base.combine(yb)
+
+        def b_round_trip():
+            base.dispatch(x, idx, weights, scales)
+            base.combine(yb)
+
+        def b_layer():
+            r, s, e = base.dispatch(x, idx, weights, scales)
+            base.combine(experts(dequantize(r, s), e))
+
+        for op, fn in (("dispatch", b_dispatch), ("combine", b_combine), ("round_trip", b_round_trip),
+                       ("layer", b_layer)):
+            record(op, base.impl, "eager", timer.measure(fn), None)
+            if base.graphable:
+                record(op, base.impl, "graph", timer.measure_graph(fn), None)
+    if cuda:
+        torch.cuda.empty_cache()
+
+    # Ratio of each of ours to the best baseline of the same op (and mode, where it exists).
+    for rec in records:
+        if rec["impl"] != ours:
+            continue
+        rivals = [r["time_us"] for r in records if r["impl"] != ours and r["op"] == rec["op"]
+                  and (r["mode"] == rec["mode"] or rec["mode"] == "graph")]
+        rec["ratio_to_best_baseline"] = rec["time_us"] / min(rivals) if rivals else None
+    return records
+
+
+def run_all(args, device) -> list[dict]:
+    from .timing import nvlink_rate_per_direction
+
+    timer = Timer(device, samples=args.samples)
+    rate = nvlink_rate_per_direction(device)
+    records = [dict(config="nvlink", op="pair_copy_both_directions", impl="nccl_send_recv", ranks=dist.get_world_size(),
+                    mode="eager", gbps_per_direction=rate / 1e9 if rate else None)]
+    for name in args.configs:
+        cfg = CONFIGS[name]
+        experts = SwiGLUExperts(cfg.local_experts, cfg.hidden, cfg.intermediate, device,
+                                seed_of(cfg.name, "experts", dist.get_rank()))
+        for dtype_name in args.dtypes:
+            for routing in args.routings:
+                for n in cfg.tokens:
+                    records += run_case(cfg, dtype_name, routing, n, timer, rate, args, device, experts)
+                    if dist.get_rank() == 0:
+                        print(f"  done: {name} {dtype_name} {routing} n={n}", flush=True)
+    return records

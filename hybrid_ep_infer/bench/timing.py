@@ -1,0 +1,83 @@
+"""One sample = one call (or graph replay) timed on every rank after an L2 flush and a
+barrier; the sample's time is the slowest rank's. We report the median and the p99."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+
+class Timer:
+    def __init__(self, device: torch.device, samples: int, warmup: int = 5):
+        self.device = device
+        self.samples = samples
+        self.warmup = warmup
+        self.cuda = device.type == "cuda"
+        # Larger than any L2 (50-60 MB on H100/H200), rewritten before every sample.
+        self._flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device) if self.cuda else None
+
+    def _one(self, fn) -> float:
+        if self.cuda:
+            self._flush.zero_()
+            dist.barrier()
+            torch.cuda.synchronize(self.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) * 1e3
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e6
+
+    def measure(self, fn) -> tuple[float, float]:
+        """(median, p99) in microseconds of the per-sample maximum over ranks."""
+        for _ in range(self.warmup):
+            fn()
+        local = torch.tensor([self._one(fn) for _ in range(self.samples)], dtype=torch.float64)
+        slowest = local.to(self.device) if self.cuda else local
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        values = sorted(slowest.cpu().tolist())
+        p99 = values[min(len(values) - 1, int(round(0.99 * (len(values) - 1))))]
+        return statistics.median(values), p99
+
+    def measure_graph(self, fn) -> tuple[float, float] | None:
+        """Capture ``fn`` once (after eager warm-up) and time its replays; None on CPU."""
+        if not self.cuda:
+            return None
+        for _ in range(2):
+            fn()
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        result = self.measure(graph.replay)
+        del graph
+        return result
+
+
+def nvlink_rate_per_direction(device: torch.device, nbytes: int = 256 * 2**20, reps: int = 10) -> float | None:
+    """Bytes/s each way between paired ranks (0<->1, 2<->3, ...) copying in both
+    directions at once with NCCL send/recv; the slowest pair's rate. None without a pair."""
+    W, rank = dist.get_world_size(), dist.get_rank()
+    if device.type != "cuda" or W < 2:
+        return None
+    peer = rank ^ 1
+    active = peer < W
+    send = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    recv = torch.empty_like(send)
+
+    def exchange():
+        if active:
+            ops = [dist.P2POp(dist.isend, send, peer), dist.P2POp(dist.irecv, recv, peer)]
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+
+    timer = Timer(device, samples=reps, warmup=2)
+    median, _ = timer.measure(exchange)
+    return nbytes / (median * 1e-6)
