@@ -1,5 +1,10 @@
 """One sample = one call (or graph replay) timed on every rank after an L2 flush and a
-barrier; the sample's time is the slowest rank's. We report the median and the p99."""
+device barrier; the sample's time is the slowest rank's. We report the median and the p99.
+
+The barrier runs on the GPUs (a one-element NCCL all-reduce enqueued with no host wait),
+so every GPU starts the timed call at nearly the same moment; the L2 flush before it keeps
+each GPU busy while the host enqueues the call. (A host barrier would leave the ranks'
+launch skew inside every sample.)"""
 
 from __future__ import annotations
 
@@ -18,13 +23,14 @@ class Timer:
         self.cuda = device.type == "cuda"
         # Larger than any L2 (50-60 MB on H100/H200), rewritten before every sample.
         self._flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device) if self.cuda else None
+        self._barrier = torch.zeros(1, device=device) if self.cuda else None
 
     def _one(self, fn) -> float:
         if self.cuda:
-            self._flush.zero_()
-            dist.barrier()
-            torch.cuda.synchronize(self.device)
+            torch.cuda.synchronize(self.device)  # nothing of the previous sample in flight
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self._flush.zero_()
+            dist.all_reduce(self._barrier)  # device barrier: the stream waits, the host does not
             start.record()
             fn()
             end.record()
