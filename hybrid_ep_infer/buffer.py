@@ -16,7 +16,7 @@ import torch.distributed as dist
 from . import _native
 from .config import BufferConfig
 from .errors import BufferClosedError, PeerTimeoutError, raise_for_errors
-from .cuda_backend import CUDA_BACKEND_COMPLETE, PHASE_NAMES, CudaBackend
+from .cuda_backend import PHASE_NAMES, CudaBackend
 from .reference import ReferenceBackend
 from .validation import check_combine_args, check_dispatch_args
 
@@ -106,7 +106,8 @@ class EPBuffer:
         capacity: contiguous: total rows; batched: rows per expert. Default: the
             worst case, so nothing can overflow. A smaller one is opt-in: rows past
             it are dropped and counted (see :meth:`check_errors`).
-        num_sms: SMs per kernel for the CUDA backend (``None``: the library's choice).
+        num_sms: CUDA backend: blocks (one per SM) of each copy kernel — send, expand,
+            reduce, gather (``None``: 24). The small planning kernels are sized by the work.
         timeout_s: bound on every wait for a peer (CUDA backend).
         backend: ``"auto"`` (CUDA where available, else reference), ``"cuda"``,
             or ``"reference"`` (pure torch; may allocate and synchronize).
@@ -153,9 +154,7 @@ class EPBuffer:
         self.debug = debug
 
         if backend == "auto":
-            # Until CUDA combine lands, "auto" keeps to the backend that does both ops.
-            complete = cuda_backend_unavailable_reason() is None and CUDA_BACKEND_COMPLETE
-            backend = "cuda" if complete else "reference"
+            backend = "cuda" if cuda_backend_unavailable_reason() is None else "reference"
         if backend == "cuda":
             reason = cuda_backend_unavailable_reason()
             if reason is not None:

@@ -18,8 +18,6 @@ from .peer_memory import PeerWorkspace
 from .validation import DispatchArgs, DispatchOutputs
 
 DEFAULT_NUM_SMS = 24
-# "auto" picks the CUDA backend only where it implements both dispatch and combine.
-CUDA_BACKEND_COMPLETE = True
 # Wait phases of csrc/common/wait.cuh, for messages.
 PHASE_NAMES = {1: "dispatch (routing exchange)", 2: "dispatch (token rows)", 3: "combine (partials)"}
 
