@@ -1,5 +1,10 @@
 """vLLM integration of hybrid_ep_infer (fused-MoE prepare/finalize backend).
 
-Installed with the main package under its own import name. The adapter itself
-is not implemented yet; importing this package only checks that it is installed.
+Installed with the main package under its own import name. Importing this package
+does not import vLLM; ``hybrid_ep_infer_vllm.prepare_finalize`` does (vLLM 0.32/0.33):
+
+    from hybrid_ep_infer_vllm.prepare_finalize import HybridEPPrepareAndFinalize
+
+The ``vllm.general_plugins`` entry point that swaps it into a running vLLM is not
+written yet (see docs/VLLM_NOTES.md for the plan).
 """

