@@ -4,7 +4,6 @@ the reference backend must equal the loop-by-loop oracle on every one."""
 
 import random
 
-import pytest
 import torch
 
 from dist_utils import spawn

@@ -5,6 +5,6 @@ does not import vLLM; ``hybrid_ep_infer_vllm.prepare_finalize`` does (vLLM 0.32/
 
     from hybrid_ep_infer_vllm.prepare_finalize import HybridEPPrepareAndFinalize
 
-The ``vllm.general_plugins`` entry point that swaps it into a running vLLM is not
-written yet (see docs/VLLM_NOTES.md for the plan).
+``hybrid_ep_infer_vllm.plugin.register`` is the ``vllm.general_plugins`` entry point that
+swaps it into a running vLLM (inert unless ``HYBRID_EP_INFER_VLLM=1``).
 """

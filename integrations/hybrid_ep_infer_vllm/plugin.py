@@ -1,0 +1,128 @@
+"""vLLM plugin: expert-parallel MoE layers dispatch and combine through hybrid_ep_infer.
+
+Registered as a ``vllm.general_plugins`` entry point (pyproject.toml), so vLLM calls
+:func:`register` in each of its processes. It does nothing unless
+``HYBRID_EP_INFER_VLLM=1`` is set, and leaves vLLM untouched (with a warning) outside the
+supported versions (0.32, 0.33).
+
+vLLM has no registry of all-to-all backends: ``maybe_make_prepare_finalize`` (in
+``fused_moe/all2all_utils.py``) is imported by name in about a dozen modules. The plugin
+replaces that function there and in every loaded module that holds it. The replacement
+takes over only where vLLM would run its default all-gather/reduce-scatter path with
+expert parallelism (``--all2all-backend allgather_reducescatter``, which also keeps vLLM's
+CUDA graphs), for unquantized bf16 layers; everything else goes to vLLM's own function.
+One buffer serves every layer of the same sizes; each step ends with ``check_errors()``
+on those buffers (outside graph capture). See docs/VLLM_NOTES.md for the vLLM facts.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+
+import torch
+
+ENV_FLAG = "HYBRID_EP_INFER_VLLM"
+SUPPORTED_VERSIONS = ((0, 32), (0, 33))
+_MARK = "__hybrid_ep_infer__"
+
+logger = logging.getLogger(__name__)
+_buffers: dict[tuple, object] = {}  # (hidden, dtype, max_tokens, experts, top_k) -> EPBuffer
+
+
+def register() -> None:
+    """The entry point vLLM calls; re-entrant."""
+    if os.environ.get(ENV_FLAG, "0") != "1":
+        return
+    import vllm
+
+    version = _version_tuple(vllm.__version__)
+    if version[:2] not in SUPPORTED_VERSIONS:
+        logger.warning("hybrid_ep_infer_vllm supports vLLM 0.32-0.33, found %s: leaving vLLM untouched",
+                       vllm.__version__)
+        return
+    from vllm.model_executor.layers.fused_moe import all2all_utils
+
+    original = all2all_utils.maybe_make_prepare_finalize
+    if getattr(original, _MARK, False):
+        return
+    _rebind(original, _wrap(original))
+    logger.info("hybrid_ep_infer_vllm: expert-parallel MoE layers use hybrid_ep_infer")
+
+
+def takes_over(moe, quant_config, routing_tables=None, allow_new_interface=False, use_monolithic=False) -> bool:
+    """Whether the plugin builds this layer's prepare/finalize (else vLLM's own does)."""
+    unquantized = quant_config is None or getattr(quant_config, "quant_dtype", None) is None
+    return bool(getattr(moe, "use_ag_rs_all2all_kernels", False) and allow_new_interface and not use_monolithic
+                and routing_tables is None and unquantized and moe.in_dtype == torch.bfloat16
+                and moe.num_experts % moe.moe_parallel_config.ep_size == 0)
+
+
+def _wrap(original):
+    @functools.wraps(original)
+    def maybe_make_prepare_finalize(moe, quant_config, routing_tables=None, allow_new_interface=False,
+                                    use_monolithic=False, all2all_manager=None, input_dtype=None):
+        if takes_over(moe, quant_config, routing_tables, allow_new_interface, use_monolithic):
+            from .prepare_finalize import HybridEPPrepareAndFinalize
+
+            return HybridEPPrepareAndFinalize(_buffer_for(moe))
+        return original(moe, quant_config, routing_tables, allow_new_interface, use_monolithic, all2all_manager,
+                        input_dtype)
+
+    setattr(maybe_make_prepare_finalize, _MARK, True)
+    return maybe_make_prepare_finalize
+
+
+def _rebind(original, replacement) -> None:
+    """Replace ``original`` wherever a loaded module holds it; later imports copy the new one."""
+    for name, module in list(sys.modules.items()):
+        # Only vLLM's modules, and only their own namespace: getattr on a lazy module
+        # (transformers has them) would import things.
+        if not name.startswith("vllm.") or module is None:
+            continue
+        if vars(module).get("maybe_make_prepare_finalize") is original:
+            setattr(module, "maybe_make_prepare_finalize", replacement)
+
+
+def _buffer_for(moe):
+    """The buffer for this layer's sizes, built (collectively, over the EP group) on first use."""
+    from vllm.distributed.parallel_state import get_ep_group
+
+    from hybrid_ep_infer import EPBuffer
+
+    key = (moe.hidden_dim, moe.in_dtype, moe.max_num_tokens, moe.num_experts, moe.experts_per_token)
+    if key not in _buffers:
+        _buffers[key] = EPBuffer(group=get_ep_group().cpu_group, hidden=moe.hidden_dim, max_tokens=moe.max_num_tokens,
+                                 num_experts=moe.num_experts, top_k=moe.experts_per_token, dtype=moe.in_dtype)
+        _check_errors_every_step()
+    return _buffers[key]
+
+
+def _check_errors_every_step() -> None:
+    """After each model step, raise for data errors counted on any of our buffers."""
+    from vllm.v1.worker import gpu_worker  # CPUWorker inherits execute_model from it
+
+    original = gpu_worker.Worker.execute_model
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def execute_model(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            for buffer in _buffers.values():
+                buffer.check_errors()
+        return result
+
+    setattr(execute_model, _MARK, True)
+    gpu_worker.Worker.execute_model = execute_model
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)

