@@ -79,8 +79,8 @@ class ReferenceBackend:
         # Outputs live here for the buffer's lifetime, like the CUDA backend's, so
         # results are views with the same lifetime rules on both backends.
         self.hidden = torch.zeros(*rows, c.hidden, dtype=c.dtype, device=device)
-        self.scales = torch.zeros(*rows, c.num_scale_blocks, device=device) if c.is_fp8 else None
-        self.weights = torch.zeros(rows, device=device)
+        self.scales = torch.zeros(*rows, c.num_scale_blocks, dtype=torch.float32, device=device) if c.is_fp8 else None
+        self.weights = torch.zeros(rows, dtype=torch.float32, device=device)
         self.row_expert = torch.full(rows, -1, dtype=torch.int32, device=device)
         self.tokens_per_expert = torch.zeros(c.num_local_experts, dtype=torch.int32, device=device)
         self.offsets = (torch.zeros(c.num_local_experts + 1, dtype=torch.int32, device=device)
@@ -200,7 +200,7 @@ class ReferenceBackend:
         term = y.reshape(-1, H)[rows.dest].float()
         if weighted:
             term = term * weights.reshape(-1)[rows.dest].unsqueeze(1)
-        acc = torch.zeros(W, T, H, device=y.device)
+        acc = torch.zeros(W, T, H, dtype=torch.float32, device=y.device)
         for k in range(K):
             sel = (rows.slot == k).nonzero().squeeze(1)
             s, t = rows.src_rank[sel], rows.src_token[sel]
@@ -211,7 +211,7 @@ class ReferenceBackend:
         received = self._all_to_all(partials)  # [W (destination), T, H]
 
         # On this rank (as source): fp32 sum in ascending destination rank, from +0.0.
-        total = torch.zeros(T, H, device=y.device)
+        total = torch.zeros(T, H, dtype=torch.float32, device=y.device)
         for r in range(W):
             total = total + received[r].float()
         # Rows t >= n got no partials anywhere, so they are +0.0 already.

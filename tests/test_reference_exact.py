@@ -126,3 +126,21 @@ def test_debug_checks_after_every_call(one_rank_group):
         with pytest.raises(RoutingDataError):
             buf.dispatch(X, IDX, W)
         buf.dispatch(X, torch.tensor([[1, 0], [1, -1], [3, 2], [2, 0]]), W)  # valid again: no raise
+
+
+def test_independent_of_the_default_dtype(one_rank_group):
+    """Engines (vLLM) set torch's default dtype to the model's; nothing may follow it."""
+    with make_buffer(pad_multiple=2) as buf:
+        r = buf.dispatch(X, IDX, W)
+        want = buf.combine((r.hidden.float() * 1.5).to(torch.bfloat16), r.handle, out=torch.empty(4, 8, dtype=torch.bfloat16))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with make_buffer(pad_multiple=2) as buf:
+            assert buf._backend.weights.dtype == torch.float32
+            r = buf.dispatch(X, IDX, W)
+            got = buf.combine((r.hidden.float() * 1.5).to(torch.bfloat16), r.handle,
+                              out=torch.empty(4, 8, dtype=torch.bfloat16))
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    finally:
+        torch.set_default_dtype(previous)

@@ -32,9 +32,9 @@ class AllGatherReduceScatter:
         itemsize = torch.empty((), dtype=dtype).element_size()
         self.dtype = dtype
         self.gathered_x = torch.empty(W * T, hidden * itemsize, dtype=torch.uint8, device=device)
-        self.gathered_scales = torch.empty(W * T, hidden // 128, device=device) if dtype != torch.bfloat16 else None
+        self.gathered_scales = torch.empty(W * T, hidden // 128, dtype=torch.float32, device=device) if dtype != torch.bfloat16 else None
         self.gathered_idx = torch.empty(W * T, K, dtype=torch.int64, device=device)
-        self.gathered_w = torch.empty(W * T, K, device=device)
+        self.gathered_w = torch.empty(W * T, K, dtype=torch.float32, device=device)
         self.capacity = W * T * min(K, local_experts)
         self.out = torch.empty(T, hidden, dtype=torch.bfloat16, device=device)
 
@@ -45,13 +45,13 @@ class AllGatherReduceScatter:
         x_pad[: x.shape[0]] = x
         idx_pad = torch.full((T, self.K), -1, dtype=torch.int64, device=x.device)
         idx_pad[: idx.shape[0]] = idx
-        w_pad = torch.zeros(T, self.K, device=x.device)
+        w_pad = torch.zeros(T, self.K, dtype=torch.float32, device=x.device)
         w_pad[: weights.shape[0]] = weights
         dist.all_gather_into_tensor(self.gathered_x, _bytes(x_pad), group=self.group)
         dist.all_gather_into_tensor(self.gathered_idx, idx_pad, group=self.group)
         dist.all_gather_into_tensor(self.gathered_w, w_pad, group=self.group)
         if self.gathered_scales is not None:
-            s_pad = torch.zeros(T, scales.shape[1], device=x.device)
+            s_pad = torch.zeros(T, scales.shape[1], dtype=torch.float32, device=x.device)
             s_pad[: scales.shape[0]] = scales
             dist.all_gather_into_tensor(self.gathered_scales, s_pad, group=self.group)
         # Permute: this rank's (token, slot) pairs first, sorted by expert (static shapes).
@@ -68,7 +68,7 @@ class AllGatherReduceScatter:
 
     def combine(self, y):
         """Weighted unpermute of expert outputs [cap, H], then reduce-scatter to [T, H]."""
-        full = torch.zeros(self.W * self.T, y.shape[1], device=y.device)
+        full = torch.zeros(self.W * self.T, y.shape[1], dtype=torch.float32, device=y.device)
         full.index_add_(0, self._token_of_row, y.float() * self._weight_of_row.unsqueeze(1))
         dist.reduce_scatter_tensor(self.out, full.to(torch.bfloat16), group=self.group)
         return self.out
@@ -119,9 +119,9 @@ class AllToAll:
         return rows, row_scales, counts.cumsum(0).to(torch.int32)
 
     def combine(self, y):
-        partial = torch.zeros(self._received, y.shape[1], device=y.device)
+        partial = torch.zeros(self._received, y.shape[1], dtype=torch.float32, device=y.device)
         partial.index_add_(0, self._token_of_row, y[: self._token_of_row.shape[0]].float() * self._weight_of_row.unsqueeze(1))
         back = self._exchange(partial.to(torch.bfloat16), self._recv_splits, self._send_splits)
-        out = torch.zeros(self._num_tokens, y.shape[1], device=y.device)
+        out = torch.zeros(self._num_tokens, y.shape[1], dtype=torch.float32, device=y.device)
         out.index_add_(0, self._send_order, back.float())
         return out.to(torch.bfloat16)

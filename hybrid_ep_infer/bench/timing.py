@@ -23,7 +23,7 @@ class Timer:
         self.cuda = device.type == "cuda"
         # Larger than any L2 (50-60 MB on H100/H200), rewritten before every sample.
         self._flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device) if self.cuda else None
-        self._barrier = torch.zeros(1, device=device) if self.cuda else None
+        self._barrier = torch.zeros(1, dtype=torch.float32, device=device) if self.cuda else None
 
     def _one(self, fn) -> float:
         if self.cuda:

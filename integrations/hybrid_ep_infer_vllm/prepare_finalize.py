@@ -74,7 +74,7 @@ class HybridEPPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         L = self.buffer.num_local_experts
         row_ids = torch.where(result.row_expert >= 0, result.row_expert + self.buffer.rank * L,
                               self._unused_row_id).unsqueeze(1)
-        ones = torch.ones_like(result.weights).unsqueeze(1)  # weights are applied by combine
+        ones = torch.ones_like(result.weights, dtype=torch.float32).unsqueeze(1)  # weights are applied by combine
         meta = mk.ExpertTokensMetadata(expert_num_tokens=result.tokens_per_expert, expert_num_tokens_cpu=None)
         return result.hidden, None, meta, row_ids, ones
 
