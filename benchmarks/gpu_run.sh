@@ -4,7 +4,10 @@
 #
 #   bash benchmarks/gpu_run.sh smoke       # <= 2 min: the quick GPU tests (2 GPUs)
 #   bash benchmarks/gpu_run.sh full        # every GPU test (4 GPUs for all of them)
-#   bash benchmarks/gpu_run.sh bench       # full, then the benchmark
+#   bash benchmarks/gpu_run.sh bench       # the benchmark only: one process group per configuration,
+#                                          # $OUT/bench-<config>.json each, merged into $OUT/results.json
+#                                          # with the Markdown table in $OUT/results.md
+#   BENCH_CONFIGS="decode qwen-2048" BENCH_ARGS="--ranks 2" bash benchmarks/gpu_run.sh bench
 #   bash benchmarks/gpu_run.sh smoke slow  # several tiers in one call, stopping at the first failure
 #                                          # (slow: only the tests that smoke leaves out)
 #   TESTS=tests/test_cuda_combine.py bash benchmarks/gpu_run.sh smoke   # a subset of files
@@ -35,21 +38,30 @@ if [ ! -f build/libhybrid_ep_infer.so ]; then
 fi
 export HYBRID_EP_INFER_LIBRARY=$PWD/build/libhybrid_ep_infer.so HYBRID_EP_INFER_EXPECT_LIBRARY=1
 
+run_bench() {
+  local configs=${BENCH_CONFIGS:-decode qwen-2048 mixtral-4096 prefill-7168} files=() status=0
+  for config in $configs; do
+    echo "== benchmark: $config"
+    timeout "${BENCH_TIMEOUT:-400}" python3 -m hybrid_ep_infer.bench --config "$config" --json "$OUT/bench-$config.json" \
+      --plot "$OUT/bench-$config.png" ${BENCH_ARGS:-} 2>&1 | grep -v -e UserWarning -e "return func" | tee "$OUT/bench-$config.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] && files+=("$OUT/bench-$config.json") || status=1
+  done
+  [ ${#files[@]} -gt 0 ] && python3 benchmarks/results_table.py --merge-into "$OUT/results.json" "${files[@]}" >"$OUT/results.md"
+  return $status
+}
+
 status=0
 for tier in "${tiers[@]}"; do
   case "$tier" in
     smoke) markers="gpu and not slow" ;;
     slow) markers="gpu and slow" ;;
-    full | bench) markers="gpu" ;;
+    full) markers="gpu" ;;
+    bench) run_bench; status=$?; [ "$status" -eq 0 ] || break; continue ;;
     *) echo "unknown tier $tier (smoke, slow, full, bench)"; exit 2 ;;
   esac
   echo "== $tier: pytest -m '$markers'"
   python3 -m pytest ${TESTS:-tests} -m "$markers" -q -rs -s -x --junitxml="$OUT/pytest-$tier.xml" 2>&1 | tee "$OUT/pytest-$tier.log"
   status=${PIPESTATUS[0]}
   [ "$status" -eq 0 ] || break
-  if [ "$tier" = bench ] && python3 -c 'import hybrid_ep_infer.bench' 2>/dev/null; then
-    echo "== benchmark"
-    python3 -m hybrid_ep_infer.bench --json "$OUT/bench.json" --plot "$OUT/bench.png" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || status=1
-  fi
 done
 exit "$status"

@@ -50,3 +50,45 @@ def single_rank_group() -> None:
     """Initialise a 1-rank gloo group in this process if none exists (for in-process tests)."""
     if not dist.is_initialized():
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+
+
+def _raw_entry(rank: int, world_size: int, port: int, backend: str, worker, args) -> None:
+    import traceback
+
+    try:
+        if torch.cuda.is_available() and rank < torch.cuda.device_count():
+            torch.cuda.set_device(rank)  # also under gloo: the CUDA backend needs the device
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+        worker(rank, world_size, *args)
+    except BaseException:  # noqa: BLE001 - reported through the exit code
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # no group teardown: a peer may be dead on purpose
+
+
+def launch(world_size: int, worker, *args, backend: str = "gloo", deadline_s: float = 120.0) -> list[int | None]:
+    """Like :func:`spawn`, for tests where a rank dies or exits early on purpose: returns
+    every rank's exit code (negative: killed by that signal; None: still running at the
+    deadline, then killed). The caller asserts on them."""
+    import time
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_raw_entry, args=(r, world_size, port, backend, worker, args)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    end = time.monotonic() + deadline_s
+    codes = []
+    for p in procs:
+        p.join(max(0.0, end - time.monotonic()))
+        codes.append(p.exitcode)
+    for p in procs:  # stragglers: kill and reap, so no test leaves a zombie behind
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return codes

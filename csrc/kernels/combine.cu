@@ -11,7 +11,11 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-constexpr int kLoadsInFlight = 8;  // 16-byte loads a lane issues before it needs the first
+// A lane sums kVectors 16-byte columns at once (v, v+32, ...), loading kTermsInFlight
+// terms (rows or partials) of each before the first add: 16 loads in flight per lane.
+// The kernels are bound by memory latency, not bandwidth, at 24 SMs (NOTES.md #4).
+constexpr int kVectors = 4;
+constexpr int kTermsInFlight = 4;
 
 struct Float8 {
   float v[8];
@@ -37,6 +41,55 @@ __device__ __forceinline__ int4 pack_bf16x8_rn(const Float8& f) {
   return packed;
 }
 
+// acc[c] += (weighted ? term * w : term) over the 8 floats of each column, in order.
+__device__ __forceinline__ void accumulate(Float8 (&acc)[kVectors], const int4 (&raw)[kVectors], float w,
+                                           bool weighted) {
+#pragma unroll
+  for (int c = 0; c < kVectors; ++c) {
+    const Float8 term = unpack_bf16x8(raw[c]);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[c].v[i] = __fadd_rn(acc[c].v[i], weighted ? __fmul_rn(term.v[i], w) : term.v[i]);
+  }
+}
+
+// Sums `count` bf16 rows (row j at terms[j], ascending j, weight w[j] if weighted) into
+// 16-byte columns v, v+32, ... of the calling lane and stores each column, rounded once,
+// to dst. The SPEC's order holds per column: +0.0, then the terms in ascending j.
+// kReadOnly: the rows were written before this kernel (y), so the non-coherent path is safe.
+template <bool kReadOnly>
+__device__ __forceinline__ void sum_rows(int4* dst, const int4* const* terms, const float* w, int count,
+                                         bool weighted, int vectors, int lane) {
+  for (int v0 = lane; v0 < vectors; v0 += 32 * kVectors) {
+    Float8 acc[kVectors];
+#pragma unroll
+    for (int c = 0; c < kVectors; ++c) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[c].v[i] = 0.f;
+    }
+    for (int j0 = 0; j0 < count; j0 += kTermsInFlight) {
+      int4 raw[kTermsInFlight][kVectors];
+#pragma unroll
+      for (int j = 0; j < kTermsInFlight; ++j) {
+#pragma unroll
+        for (int c = 0; c < kVectors; ++c) {
+          const int v = v0 + 32 * c;
+          if (j0 + j < count && v < vectors) {
+            raw[j][c] = kReadOnly ? ptx::ld_nc_v4(terms[j0 + j] + v) : ptx::ld_global_v4(terms[j0 + j] + v);
+          }
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kTermsInFlight; ++j) {
+        if (j0 + j < count) accumulate(acc, raw[j], weighted ? w[j0 + j] : 1.f, weighted);
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < kVectors; ++c) {
+      if (v0 + 32 * c < vectors) ptx::st_global_v4(dst + v0 + 32 * c, pack_bf16x8_rn(acc[c]));
+    }
+  }
+}
+
 __device__ __forceinline__ __nv_bfloat16* partials(void* workspace, const Sizes& s, const WorkspaceOffsets& o,
                                                    int parity, int destination, int token) {
   const int64_t row = ((int64_t)parity * s.world + destination) * s.max_tokens + token;
@@ -59,48 +112,27 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(const __grid_constant_
   const float* weights = at<const float>(p.local, p.off.weights);
   const int lane = threadIdx.x % 32;
   const int vectors = s.hidden / 8;
-  __shared__ int32_t warp_rows[kWarps][kMaxTopK];
+  __shared__ const int4* warp_rows[kWarps][kMaxTopK];
   __shared__ float warp_weights[kWarps][kMaxTopK];
 
   for (int64_t item = blockIdx.x * (int64_t)kWarps + threadIdx.x / 32; !broken && item < (int64_t)W * T;
        item += (int64_t)gridDim.x * kWarps) {
     const int source = static_cast<int>(item / T), t = static_cast<int>(item % T);
     if (t >= src_tokens[source] || first_row[item] < 0) continue;
-    // The token's rows and weights in slot order, shared by the warp's lanes.
-    int32_t* rows = warp_rows[threadIdx.x / 32];
+    // The token's rows here and their weights, ascending k, shared by the warp's lanes.
+    const int4** rows = warp_rows[threadIdx.x / 32];
     float* row_weights = warp_weights[threadIdx.x / 32];
     __syncwarp();
-    if (lane < K) {
-      rows[lane] = row_of[item * K + lane];
-      row_weights[lane] = rows[lane] >= 0 ? weights[rows[lane]] : 0.f;
+    const int32_t row = lane < K ? row_of[item * K + lane] : -1;
+    const uint32_t valid = __ballot_sync(0xffffffffu, row >= 0);
+    if (row >= 0) {
+      const int j = __popc(valid & ((1u << lane) - 1));
+      rows[j] = static_cast<const int4*>(p.y) + (int64_t)row * vectors;
+      row_weights[j] = weights[row];
     }
     __syncwarp();
     int4* dst = reinterpret_cast<int4*>(partials(p.peers[source], s, p.off, parity, s.rank, t));
-    const int4* y = static_cast<const int4*>(p.y);
-    for (int v = lane; v < vectors; v += 32) {
-      Float8 acc;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) acc.v[i] = 0.f;
-      for (int k0 = 0; k0 < K; k0 += kLoadsInFlight) {
-        // All loads of a group first (latency), then the sums in ascending k (the SPEC's order).
-        int4 raw[kLoadsInFlight];
-#pragma unroll
-        for (int j = 0; j < kLoadsInFlight; ++j) {
-          const int k = k0 + j;
-          if (k < K && rows[k] >= 0) raw[j] = ptx::ld_nc_v4(y + (int64_t)rows[k] * vectors + v);
-        }
-#pragma unroll
-        for (int j = 0; j < kLoadsInFlight; ++j) {
-          const int k = k0 + j;
-          if (k >= K || rows[k] < 0) continue;
-          const Float8 term = unpack_bf16x8(raw[j]);
-          const float w = row_weights[k];
-#pragma unroll
-          for (int i = 0; i < 8; ++i) acc.v[i] = __fadd_rn(acc.v[i], p.weighted ? __fmul_rn(term.v[i], w) : term.v[i]);
-        }
-      }
-      ptx::st_global_v4(dst + v, pack_bf16x8_rn(acc));
-    }
+    sum_rows<true>(dst, rows, row_weights, __popc(valid), p.weighted, vectors, lane);
   }
   // Publishes this block's partials to every source; acquired by gather_kernel there.
   __syncthreads();
@@ -119,45 +151,30 @@ __global__ void __launch_bounds__(kThreads) gather_kernel(const __grid_constant_
   const bool ok = block_wait_all_peers(at<uint64_t>(p.local, p.off.combine_arrivals), W,
                                        combine * static_cast<uint64_t>(p.send_blocks), wait_context(p), kPhaseCombinePartials);
   const int n = at<const int32_t>(p.local, p.off.src_tokens)[s.rank];
+  __shared__ const int4* warp_terms[kWarps][kMaxRanks];
   const int32_t* send_row = at<const int32_t>(p.local, p.off.send_row);
   const int lane = threadIdx.x % 32;
   const int vectors = s.hidden / 8;
 
   for (int t = blockIdx.x * kWarps + threadIdx.x / 32; ok && t < p.num_rows; t += gridDim.x * kWarps) {
     int4* dst = reinterpret_cast<int4*>(static_cast<__nv_bfloat16*>(p.out) + (int64_t)t * s.hidden);
-    // Bit r: destination r holds a row of token t (W <= 64: two ballots).
-    uint64_t holders = 0;
+    // The partials of token t, ascending destination rank (ranks without rows of t
+    // wrote none: skipping them equals adding +0.0).
+    const int4** terms = warp_terms[threadIdx.x / 32];
+    int count = 0;
+    __syncwarp();
     for (int base = 0; base < W; base += 32) {
       const int r = base + lane;
       const bool has_rows = t < n && r < W && send_row[(int64_t)t * W + r] >= 0;
-      holders |= (uint64_t)__ballot_sync(0xffffffffu, has_rows) << base;
-    }
-    for (int v = lane; v < vectors; v += 32) {
-      Float8 acc;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) acc.v[i] = 0.f;
-      for (uint64_t left = holders; left;) {
-        // Loads of up to kLoadsInFlight partials first, then the sums in ascending rank.
-        int4 raw[kLoadsInFlight];
-        int taken = 0;
-#pragma unroll
-        for (int j = 0; j < kLoadsInFlight; ++j) {
-          if (left == 0) break;
-          const int r = __ffsll(static_cast<long long>(left)) - 1;
-          left &= left - 1;
-          raw[j] = ptx::ld_global_v4(reinterpret_cast<const int4*>(partials(p.local, s, p.off, parity, r, t)) + v);
-          ++taken;
-        }
-#pragma unroll
-        for (int j = 0; j < kLoadsInFlight; ++j) {
-          if (j >= taken) break;
-          const Float8 part = unpack_bf16x8(raw[j]);
-#pragma unroll
-          for (int i = 0; i < 8; ++i) acc.v[i] = __fadd_rn(acc.v[i], part.v[i]);
-        }
+      const uint32_t holders = __ballot_sync(0xffffffffu, has_rows);
+      if (has_rows) {
+        terms[count + __popc(holders & ((1u << lane) - 1))] =
+            reinterpret_cast<const int4*>(partials(p.local, s, p.off, parity, r, t));
       }
-      ptx::st_global_v4(dst + v, pack_bf16x8_rn(acc));
+      count += __popc(holders);
     }
+    __syncwarp();
+    sum_rows<false>(dst, terms, nullptr, count, false, vectors, lane);
   }
 
   // End of the call: the last block advances the combine count.

@@ -9,10 +9,13 @@ namespace {
 
 constexpr int kCopyThreads = 512;
 constexpr int kCopyWarps = kCopyThreads / 32;
-constexpr int kUnroll = 4;  // 16-byte loads in flight per lane before the first store
+// 16-byte loads in flight per lane before the first store: 4 keep the NVLink writes of
+// the send kernel at the link rate; the local copies of expand want more (NOTES.md #4).
+constexpr int kSendUnroll = 4;
+constexpr int kExpandUnroll = 8;
 
 // Copies `bytes` (a multiple of 16) from src to dst with the calling warp.
-template <bool kSourceReadOnly>
+template <bool kSourceReadOnly, int kUnroll>
 __device__ __forceinline__ void warp_copy(char* dst, const char* src, int64_t bytes, int lane) {
   const int64_t vectors = bytes / 16;
   int4* d = reinterpret_cast<int4*>(dst);
@@ -53,7 +56,7 @@ __global__ void __launch_bounds__(kCopyThreads) send_kernel(const __grid_constan
     const int32_t row = send_row[(int64_t)t * W + r];
     if (row < 0) continue;
     char* dst = at<char>(p.peers[r], p.off.hidden) + row * s.row_bytes;
-    warp_copy<true>(dst, static_cast<const char*>(p.x) + t * s.row_bytes, s.row_bytes, lane);
+    warp_copy<true, kSendUnroll>(dst, static_cast<const char*>(p.x) + t * s.row_bytes, s.row_bytes, lane);
     if (s.scale_cols) {
       warp_copy_words(at<float>(p.peers[r], p.off.scales) + (int64_t)row * s.scale_cols,
                       p.scales + (int64_t)t * s.scale_cols, s.scale_cols, lane);
@@ -91,7 +94,7 @@ __global__ void __launch_bounds__(kCopyThreads) expand_kernel(const __grid_const
     for (int k = 0; k < K; ++k) {
       const int32_t row = row_of[item * K + k];
       if (row < 0 || row == first) continue;
-      warp_copy<false>(hidden + row * s.row_bytes, hidden + first * s.row_bytes, s.row_bytes, lane);
+      warp_copy<false, kExpandUnroll>(hidden + row * s.row_bytes, hidden + first * s.row_bytes, s.row_bytes, lane);
       if (s.scale_cols) {
         warp_copy_words(scales + (int64_t)row * s.scale_cols, scales + (int64_t)first * s.scale_cols, s.scale_cols, lane);
       }

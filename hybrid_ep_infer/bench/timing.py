@@ -2,8 +2,8 @@
 device barrier; the sample's time is the slowest rank's. We report the median and the p99.
 
 The barrier runs on the GPUs (a one-element NCCL all-reduce enqueued with no host wait),
-so every GPU starts the timed call at nearly the same moment; the L2 flush before it keeps
-each GPU busy while the host enqueues the call. (A host barrier would leave the ranks'
+so every GPU starts the timed call at nearly the same moment; a short GPU sleep after it
+keeps each GPU busy while the host enqueues the call. (A host barrier would leave the ranks'
 launch skew inside every sample.)"""
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ class Timer:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             self._flush.zero_()
             dist.all_reduce(self._barrier)  # device barrier: the stream waits, the host does not
+            # ~100 us of GPU sleep after the barrier, so the host has enqueued the call
+            # before the clock starts (otherwise a late host lands in the sample).
+            torch.cuda._sleep(200_000)
             start.record()
             fn()
             end.record()
@@ -67,23 +70,54 @@ class Timer:
         return result
 
 
-def nvlink_rate_per_direction(device: torch.device, nbytes: int = 256 * 2**20, reps: int = 10) -> float | None:
-    """Bytes/s each way between paired ranks (0<->1, 2<->3, ...) copying in both
-    directions at once with NCCL send/recv; the slowest pair's rate. None without a pair."""
+def _pair_rate(timer: Timer, nbytes: int, exchange) -> float:
+    median, _ = timer.measure(exchange)
+    return nbytes / (median * 1e-6)
+
+
+def nvlink_rates_per_direction(device: torch.device, nbytes: int = 256 * 2**20, reps: int = 10) -> dict[str, float]:
+    """Bytes/s each way between paired ranks (0<->1, 2<->3, ...) copying in both directions
+    at once, the slowest pair's rate, by two methods: NCCL send/recv (``nccl_send_recv``) and
+    a copy-engine write into the peer's memory opened through CUDA IPC (``copy_engine``).
+    The floor uses the faster. Empty without a pair of GPUs."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
     W, rank = dist.get_world_size(), dist.get_rank()
     if device.type != "cuda" or W < 2:
-        return None
+        return {}
     peer = rank ^ 1
     active = peer < W
     send = torch.ones(nbytes, dtype=torch.uint8, device=device)
     recv = torch.empty_like(send)
+    timer = Timer(device, samples=reps, warmup=2)
 
-    def exchange():
+    def nccl_exchange():
         if active:
             ops = [dist.P2POp(dist.isend, send, peer), dist.P2POp(dist.irecv, recv, peer)]
             for work in dist.batch_isend_irecv(ops):
                 work.wait()
 
-    timer = Timer(device, samples=reps, warmup=2)
-    median, _ = timer.measure(exchange)
-    return nbytes / (median * 1e-6)
+    rates = {"nccl_send_recv": _pair_rate(timer, nbytes, nccl_exchange)}
+
+    # Every rank shares its receive buffer through CUDA IPC (torch opens it with peer access
+    # on); the pair partner's copy engine writes into it directly (torch's own cross-device
+    # copy_ would stage through the host here).
+    from cuda.bindings import driver
+
+    handles = [None] * W
+    dist.all_gather_object(handles, reduce_tensor(recv))
+    rebuild, rebuild_args = handles[peer] if active else (None, None)
+    peer_recv = rebuild(*rebuild_args) if active else None
+
+    def copy_engine_exchange():
+        if active:
+            stream = torch.cuda.current_stream(device).cuda_stream
+            (err,) = driver.cuMemcpyDtoDAsync(peer_recv.data_ptr(), send.data_ptr(), nbytes, stream)
+            if err != driver.CUresult.CUDA_SUCCESS:
+                raise RuntimeError(f"cuMemcpyDtoDAsync: {err}")
+
+    rates["copy_engine"] = _pair_rate(timer, nbytes, copy_engine_exchange)
+    torch.cuda.synchronize(device)
+    dist.barrier()  # the partner has finished writing before anyone frees its buffer
+    del peer_recv
+    return rates
