@@ -1,6 +1,7 @@
 """The vLLM plugin: inert without its env flag or on other vLLM versions; otherwise it
 replaces maybe_make_prepare_finalize in every module holding it, takes over only
-expert-parallel all-gather/reduce-scatter layers in bf16, and hands the rest to vLLM.
+expert-parallel all-gather/reduce-scatter layers in bf16 or float32, and hands the rest
+to vLLM.
 
 Runs in a fresh interpreter (the plugin patches vLLM modules). Needs vLLM; skipped without.
 """
@@ -64,6 +65,8 @@ assert not plugin.takes_over(ep, types.SimpleNamespace(quant_dtype=torch.float8_
 assert not plugin.takes_over(no_ep, None, allow_new_interface=True)
 fp16 = moe_config(ep.moe_parallel_config, dtype=torch.float16)
 assert not plugin.takes_over(fp16, None, allow_new_interface=True)
+fp32 = moe_config(ep.moe_parallel_config, dtype=torch.float32)
+assert plugin.takes_over(fp32, None, allow_new_interface=True), "float32 layers go through the exact fp32 path"
 assert patched(no_ep, None) is None and original(no_ep, None) is None, "other layers go to vLLM"
 
 try:

@@ -10,7 +10,8 @@ vLLM has no registry of all-to-all backends: ``maybe_make_prepare_finalize`` (in
 replaces that function there and in every loaded module that holds it. The replacement
 takes over only where vLLM would run its default all-gather/reduce-scatter path with
 expert parallelism (``--all2all-backend allgather_reducescatter``, which also keeps vLLM's
-CUDA graphs), for unquantized bf16 layers; everything else goes to vLLM's own function.
+CUDA graphs), for unquantized bf16 layers, and float32 ones (exact, for testing: see
+``exact_fp32``); everything else goes to vLLM's own function.
 One buffer serves every layer of the same sizes; each step ends with ``check_errors()``
 on those buffers (outside graph capture). See docs/VLLM_NOTES.md for the vLLM facts.
 """
@@ -56,7 +57,7 @@ def takes_over(moe, quant_config, routing_tables=None, allow_new_interface=False
     """Whether the plugin builds this layer's prepare/finalize (else vLLM's own does)."""
     unquantized = quant_config is None or getattr(quant_config, "quant_dtype", None) is None
     return bool(getattr(moe, "use_ag_rs_all2all_kernels", False) and allow_new_interface and not use_monolithic
-                and routing_tables is None and unquantized and moe.in_dtype == torch.bfloat16
+                and routing_tables is None and unquantized and moe.in_dtype in (torch.bfloat16, torch.float32)
                 and moe.num_experts % moe.moe_parallel_config.ep_size == 0)
 
 
@@ -67,7 +68,7 @@ def _wrap(original):
         if takes_over(moe, quant_config, routing_tables, allow_new_interface, use_monolithic):
             from .prepare_finalize import HybridEPPrepareAndFinalize
 
-            return HybridEPPrepareAndFinalize(_buffer_for(moe))
+            return HybridEPPrepareAndFinalize(_buffer_for(moe), activation_dtype=moe.in_dtype)
         return original(moe, quant_config, routing_tables, allow_new_interface, use_monolithic, all2all_manager,
                         input_dtype)
 
@@ -92,10 +93,13 @@ def _buffer_for(moe):
 
     from hybrid_ep_infer import EPBuffer
 
+    from .exact_fp32 import buffer_format
+
     key = (moe.hidden_dim, moe.in_dtype, moe.max_num_tokens, moe.num_experts, moe.experts_per_token)
     if key not in _buffers:
-        _buffers[key] = EPBuffer(group=get_ep_group().cpu_group, hidden=moe.hidden_dim, max_tokens=moe.max_num_tokens,
-                                 num_experts=moe.num_experts, top_k=moe.experts_per_token, dtype=moe.in_dtype)
+        hidden, dtype = buffer_format(moe.hidden_dim, moe.in_dtype)  # float32: a bf16 buffer of 2x hidden
+        _buffers[key] = EPBuffer(group=get_ep_group().cpu_group, hidden=hidden, max_tokens=moe.max_num_tokens,
+                                 num_experts=moe.num_experts, top_k=moe.experts_per_token, dtype=dtype)
         _check_errors_every_step()
     return _buffers[key]
 

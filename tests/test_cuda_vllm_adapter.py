@@ -1,0 +1,176 @@
+"""The vLLM adapter (HybridEPPrepareAndFinalize) on the CUDA backend, 2 GPUs: a whole MoE
+layer (prepare -> torch experts on the returned rows and ids -> finalize) captured in one
+CUDA graph and replayed with fresh routing, tokens and weights each time, interleaved
+with eager calls. Every result equals, bit for bit, the same adapter on the reference
+backend (over NCCL, same GPUs), and the layer computed without expert parallelism
+(fp32: within 1e-6; bf16: within bf16 rounding). bf16 with global ids (GPU experts that
+use ``expert_map``) and float32 (the exact path) with local ids (CPU-style experts).
+
+vLLM need not be installed: where it is absent, a thin stand-in for the few names the
+adapter imports from ``vllm.model_executor.layers.fused_moe.modular_kernel`` is put in
+``sys.modules`` of the worker processes (never of the pytest process).
+"""
+
+import dataclasses
+import enum
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_utils import spawn
+
+H, T, E_PER_RANK, K = 256, 64, 4, 2
+REPLAYS = 20
+MK = "vllm.model_executor.layers.fused_moe.modular_kernel"
+
+
+def install_vllm_stand_in() -> None:
+    """Fake ``modular_kernel`` (and its parent packages) unless real vLLM is importable."""
+    if MK in sys.modules or importlib.util.find_spec("vllm") is not None:
+        return  # real vLLM, or the stand-in from an earlier call of this process
+
+    class FusedMoEActivationFormat(enum.Enum):
+        Standard = "standard"
+        BatchedExperts = "batched_experts"
+
+    @dataclasses.dataclass
+    class ExpertTokensMetadata:
+        expert_num_tokens: torch.Tensor
+        expert_num_tokens_cpu: torch.Tensor | None
+
+    class FusedMoEPrepareAndFinalizeModular:
+        def post_init_setup(self, fused_experts) -> None:
+            return None
+
+    parent = None
+    for name in ("vllm", "vllm.model_executor", "vllm.model_executor.layers", "vllm.model_executor.layers.fused_moe"):
+        module = types.ModuleType(name)
+        module.__path__ = []  # a package
+        sys.modules[name] = module
+        if parent is not None:
+            setattr(parent, name.rsplit(".", 1)[1], module)
+        parent = module
+    mk = types.ModuleType(MK)
+    mk.FusedMoEActivationFormat = FusedMoEActivationFormat
+    mk.ExpertTokensMetadata = ExpertTokensMetadata
+    mk.FusedMoEPrepareAndFinalizeModular = FusedMoEPrepareAndFinalizeModular
+    sys.modules[MK] = mk
+    parent.modular_kernel = mk
+
+
+def import_adapter():
+    install_vllm_stand_in()
+    integrations = Path(__file__).resolve().parent.parent / "integrations"
+    if (integrations / "hybrid_ep_infer_vllm").is_dir():  # a source checkout: test this copy, not an installed one
+        sys.path.insert(0, str(integrations))
+    from hybrid_ep_infer_vllm import exact_fp32
+    from hybrid_ep_infer_vllm.prepare_finalize import HybridEPPrepareAndFinalize
+
+    return HybridEPPrepareAndFinalize, exact_fp32
+
+
+def expert_fn(x: torch.Tensor, expert: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Expert ``e`` of a row: ``silu(x * A[e]) * (x * B[e])`` in fp32. Element-wise only, so
+    eager and graph-replayed runs (and any row count) give the same bits."""
+    xf = x.float()
+    return torch.nn.functional.silu(xf * A[expert]) * (xf * B[expert])
+
+
+def layer(pf, x, topk_weights, topk_ids, A, B):
+    """One vLLM-style MoE layer through the adapter, as FusedMoEKernel drives it."""
+    E = A.shape[0]
+    a1q, _, meta, ids, ones = pf.prepare(x, topk_weights, topk_ids, E, None, False, None, False)
+    expert = ids[:, 0].long()
+    if pf.local_ids:
+        expert = expert + pf.buffer.rank * pf.buffer.num_local_experts
+    # Rows that are not written carry any id and garbage rows: computed, never read.
+    y = (expert_fn(a1q, expert.clamp(0, E - 1), A, B) * ones).to(x.dtype)
+    out = torch.empty_like(x)
+    pf.finalize(out, y, ones, ids, False, None)
+    return out
+
+
+def no_expert_parallelism(x, topk_weights, topk_ids, A, B) -> torch.Tensor:
+    """The same layer on this rank's tokens with every expert here, fp32, ascending k."""
+    total = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for k in range(topk_ids.shape[1]):
+        ids = topk_ids[:, k]
+        term = torch.where((ids >= 0).unsqueeze(1), expert_fn(x, ids.clamp(min=0), A, B), 0.0)
+        total = total + term * topk_weights[:, k : k + 1]
+    return total
+
+
+def run(rank: int, world_size: int, dtype: torch.dtype, local_ids: bool) -> None:
+    from hybrid_ep_infer import EPBuffer
+
+    HybridEPPrepareAndFinalize, exact_fp32 = import_adapter()
+    device = torch.device("cuda", rank)
+    E = E_PER_RANK * world_size
+    hidden, payload = exact_fp32.buffer_format(H, dtype)
+    kw = dict(hidden=hidden, max_tokens=T, num_experts=E, top_k=K, dtype=payload, timeout_s=20.0)
+    cud = EPBuffer(backend="cuda", **kw)
+    ref = EPBuffer(backend="reference", device=device, **kw)
+    pf_cuda = HybridEPPrepareAndFinalize(cud, activation_dtype=dtype, local_ids=local_ids)
+    pf_ref = HybridEPPrepareAndFinalize(ref, activation_dtype=dtype, local_ids=local_ids)
+
+    g = torch.Generator().manual_seed(0)  # the same experts on every rank
+    A = (torch.randn(E, H, generator=g) / 2).to(device)
+    B = torch.randn(E, H, generator=g).to(device)
+    gen = torch.Generator().manual_seed(100 + rank)
+    x = torch.empty(T, H, dtype=dtype, device=device)
+    topk_weights = torch.empty(T, K, dtype=torch.float32, device=device)
+    topk_ids = torch.empty(T, K, dtype=torch.int64, device=device)
+
+    def load() -> None:
+        """Fresh contents in the captured input tensors: tokens, routing, padding rows."""
+        x.copy_(torch.randn(T, H, generator=gen).to(dtype))
+        weights, ids = torch.rand(T, E, generator=gen).softmax(dim=-1).topk(K)
+        ids[torch.rand(T, K, generator=gen) < 0.1] = -1  # some slots route nowhere
+        padding = int(torch.randint(0, T // 4, (1,), generator=gen))
+        ids[T - padding :], weights[T - padding :] = -1, 0.0  # padding rows, as vLLM's routers make them
+        topk_ids.copy_(ids)
+        topk_weights.copy_(weights)
+
+    def check(got: torch.Tensor, what: str) -> None:
+        want = layer(pf_ref, x, topk_weights, topk_ids, A, B)
+        exact = no_expert_parallelism(x, topk_weights, topk_ids, A, B)
+        torch.cuda.synchronize()
+        assert torch.equal(got, want), f"rank {rank} {what}: CUDA != reference, {(got != want).sum().item()} differ"
+        err = ((got.double() - exact.double()).norm() / exact.double().norm()).item()
+        bound = 1e-6 if dtype == torch.float32 else 1e-2
+        assert err <= bound, f"rank {rank} {what}: relative error {err} against no expert parallelism"
+
+    load()
+    check(layer(pf_cuda, x, topk_weights, topk_ids, A, B).clone(), "eager warm-up")
+    cud.check_errors(synchronize=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out = layer(pf_cuda, x, topk_weights, topk_ids, A, B)
+    for i in range(REPLAYS):
+        load()
+        graph.replay()
+        check(graph_out.clone(), f"replay {i}")
+        if i % 5 == 4:  # an eager call between replays
+            load()
+            check(layer(pf_cuda, x, topk_weights, topk_ids, A, B).clone(), f"eager after replay {i}")
+    cud.check_errors(synchronize=True)
+    ref.check_errors()
+    torch.cuda.synchronize()
+    cud.close()
+    ref.close()
+
+
+def worker(rank: int, world_size: int) -> None:
+    torch.cuda.set_device(rank)
+    run(rank, world_size, torch.bfloat16, local_ids=False)
+    run(rank, world_size, torch.float32, local_ids=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.multigpu(2)
+def test_vllm_adapter_layer_in_a_cuda_graph_two_ranks():
+    spawn(2, worker, backend="nccl")
