@@ -4,7 +4,8 @@ CUDA graph and replayed with fresh routing, tokens and weights each time, interl
 with eager calls. Every result equals, bit for bit, the same adapter on the reference
 backend (over NCCL, same GPUs), and the layer computed without expert parallelism
 (fp32: within 1e-6; bf16: within bf16 rounding). bf16 with global ids (GPU experts that
-use ``expert_map``) and float32 (the exact path) with local ids (CPU-style experts).
+use ``expert_map``) and float32 (the exact path) with local ids (CPU-style experts); a
+second test: the BatchedExperts format and block-FP8 inputs (the experts dequantize).
 
 vLLM need not be installed: where it is absent, a thin stand-in for the few names the
 adapter imports from ``vllm.model_executor.layers.fused_moe.modular_kernel`` is put in
@@ -80,17 +81,24 @@ def expert_fn(x: torch.Tensor, expert: torch.Tensor, A: torch.Tensor, B: torch.T
     return torch.nn.functional.silu(xf * A[expert]) * (xf * B[expert])
 
 
-def layer(pf, x, topk_weights, topk_ids, A, B):
+def layer(pf, x, topk_weights, topk_ids, A, B, quant_config=None):
     """One vLLM-style MoE layer through the adapter, as FusedMoEKernel drives it."""
+    from hybrid_ep_infer_vllm import fp8_input
+
     E = A.shape[0]
-    a1q, _, meta, ids, ones = pf.prepare(x, topk_weights, topk_ids, E, None, False, None, False)
-    expert = ids[:, 0].long()
-    if pf.local_ids:
-        expert = expert + pf.buffer.rank * pf.buffer.num_local_experts
+    a1q, scales, meta, ids, ones = pf.prepare(x, topk_weights, topk_ids, E, None, False, quant_config, False)
+    if scales is not None:  # block-FP8 rows: what FP8 experts compute on
+        a1q = fp8_input.dequantize(a1q, scales)
+    first = pf.buffer.rank * pf.buffer.num_local_experts
+    if pf.batched:  # [L, cap_e, H]: row block e belongs to local expert e
+        expert = torch.arange(first, first + a1q.shape[0], device=x.device).unsqueeze(1)
+        ones = 1.0
+    else:
+        expert = ids[:, 0].long() + (first if pf.local_ids else 0)
     # Rows that are not written carry any id and garbage rows: computed, never read.
     y = (expert_fn(a1q, expert.clamp(0, E - 1), A, B) * ones).to(x.dtype)
     out = torch.empty_like(x)
-    pf.finalize(out, y, ones, ids, False, None)
+    pf.finalize(out, y, topk_weights, topk_ids, False, None)
     return out
 
 
@@ -104,14 +112,19 @@ def no_expert_parallelism(x, topk_weights, topk_ids, A, B) -> torch.Tensor:
     return total
 
 
-def run(rank: int, world_size: int, dtype: torch.dtype, local_ids: bool) -> None:
+def run(rank: int, world_size: int, dtype: torch.dtype, local_ids: bool, layout: str = "contiguous",
+        fp8: bool = False) -> None:
     from hybrid_ep_infer import EPBuffer
 
     HybridEPPrepareAndFinalize, exact_fp32 = import_adapter()
+    from hybrid_ep_infer_vllm import fp8_input
+
     device = torch.device("cuda", rank)
     E = E_PER_RANK * world_size
-    hidden, payload = exact_fp32.buffer_format(H, dtype)
-    kw = dict(hidden=hidden, max_tokens=T, num_experts=E, top_k=K, dtype=payload, timeout_s=20.0)
+    hidden, payload = (H, fp8_input.FP8) if fp8 else exact_fp32.buffer_format(H, dtype)
+    # The two fields of vLLM's FusedMoEQuantConfig the adapter reads for block FP8.
+    quant = types.SimpleNamespace(quant_dtype=fp8_input.FP8, block_shape=[128, 128], a1_scale=None) if fp8 else None
+    kw = dict(hidden=hidden, max_tokens=T, num_experts=E, top_k=K, dtype=payload, layout=layout, timeout_s=20.0)
     cud = EPBuffer(backend="cuda", **kw)
     ref = EPBuffer(backend="reference", device=device, **kw)
     pf_cuda = HybridEPPrepareAndFinalize(cud, activation_dtype=dtype, local_ids=local_ids)
@@ -136,8 +149,9 @@ def run(rank: int, world_size: int, dtype: torch.dtype, local_ids: bool) -> None
         topk_weights.copy_(weights)
 
     def check(got: torch.Tensor, what: str) -> None:
-        want = layer(pf_ref, x, topk_weights, topk_ids, A, B)
-        exact = no_expert_parallelism(x, topk_weights, topk_ids, A, B)
+        want = layer(pf_ref, x, topk_weights, topk_ids, A, B, quant)
+        x_in = fp8_input.dequantize(*fp8_input.quantize(x)) if fp8 else x  # what the experts see
+        exact = no_expert_parallelism(x_in, topk_weights, topk_ids, A, B)
         torch.cuda.synchronize()
         assert torch.equal(got, want), f"rank {rank} {what}: CUDA != reference, {(got != want).sum().item()} differ"
         err = ((got.double() - exact.double()).norm() / exact.double().norm()).item()
@@ -145,18 +159,18 @@ def run(rank: int, world_size: int, dtype: torch.dtype, local_ids: bool) -> None
         assert err <= bound, f"rank {rank} {what}: relative error {err} against no expert parallelism"
 
     load()
-    check(layer(pf_cuda, x, topk_weights, topk_ids, A, B).clone(), "eager warm-up")
+    check(layer(pf_cuda, x, topk_weights, topk_ids, A, B, quant).clone(), "eager warm-up")
     cud.check_errors(synchronize=True)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        graph_out = layer(pf_cuda, x, topk_weights, topk_ids, A, B)
+        graph_out = layer(pf_cuda, x, topk_weights, topk_ids, A, B, quant)
     for i in range(REPLAYS):
         load()
         graph.replay()
         check(graph_out.clone(), f"replay {i}")
         if i % 5 == 4:  # an eager call between replays
             load()
-            check(layer(pf_cuda, x, topk_weights, topk_ids, A, B).clone(), f"eager after replay {i}")
+            check(layer(pf_cuda, x, topk_weights, topk_ids, A, B, quant).clone(), f"eager after replay {i}")
     cud.check_errors(synchronize=True)
     ref.check_errors()
     torch.cuda.synchronize()
@@ -174,3 +188,18 @@ def worker(rank: int, world_size: int) -> None:
 @pytest.mark.multigpu(2)
 def test_vllm_adapter_layer_in_a_cuda_graph_two_ranks():
     spawn(2, worker, backend="nccl")
+
+
+def formats_worker(rank: int, world_size: int) -> None:
+    torch.cuda.set_device(rank)
+    run(rank, world_size, torch.bfloat16, local_ids=False, layout="batched")
+    run(rank, world_size, torch.bfloat16, local_ids=False, fp8=True)
+    run(rank, world_size, torch.bfloat16, local_ids=False, layout="batched", fp8=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.multigpu(2)
+def test_vllm_adapter_batched_and_fp8_in_a_cuda_graph_two_ranks():
+    """The same for the BatchedExperts format and block-FP8 inputs (quantized in plain torch
+    here, where vLLM is absent; vLLM's own kernel where it is installed)."""
+    spawn(2, formats_worker, backend="nccl")

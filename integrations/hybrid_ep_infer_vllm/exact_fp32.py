@@ -47,7 +47,7 @@ def slot_numbers(num_rows: int, top_k: int, device: torch.device) -> torch.Tenso
 
 
 def row_slots(row_expert: torch.Tensor, dispatched: torch.Tensor, top_k: int) -> torch.Tensor:
-    """``[R]`` int64 slot of each written row; ``top_k`` (no slot) for every other row."""
+    """``[*R]`` int64 slot of each written row; ``top_k`` (no slot) for every other row."""
     # Unwritten rows hold unspecified weights (maybe NaN): replace them before the cast.
     return torch.where(row_expert >= 0, dispatched, float(top_k)).long()
 
@@ -72,13 +72,14 @@ def gather_slots(buffer, handle, y: torch.Tensor, slots: torch.Tensor, top_k: in
         buffer: the bf16 EPBuffer (hidden 2H) of the matching dispatch; calls are
             collectives, and every rank makes the same ``ceil(3K/2)`` combines.
         handle: that dispatch's handle.
-        y: ``[R, H]`` fp32 expert output per dispatched row.
-        slots: ``[R]`` int64 from :func:`row_slots`.
+        y: ``[*R, H]`` fp32 expert output per dispatched row (``[R]`` contiguous layout,
+            ``[L, cap_e]`` batched).
+        slots: ``[*R]`` int64 from :func:`row_slots`.
 
     Returns:
         ``[m, K, H]`` fp32; zero where a slot had no expert (id -1) or for rows ``>= n``.
     """
-    H = y.shape[1]
+    H = y.shape[-1]
     width = buffer.config.hidden // H  # column blocks per combine
     pieces = split3(y)
     zero = pieces[0].new_zeros(())
@@ -89,11 +90,11 @@ def gather_slots(buffer, handle, y: torch.Tensor, slots: torch.Tensor, top_k: in
         for block in range(first, first + width):
             k, piece = divmod(block, PIECES)
             if k < top_k:
-                columns.append(torch.where((slots == k).unsqueeze(1), pieces[piece], zero))
+                columns.append(torch.where((slots == k).unsqueeze(-1), pieces[piece], zero))
             else:  # filler after the last block
                 columns.append(zero.expand_as(pieces[0]))
         # At most one non-zero row per (token, column) in the group: combine only adds zeros.
-        out = buffer.combine(torch.cat(columns, dim=1), handle, weighted=False)
+        out = buffer.combine(torch.cat(columns, dim=-1), handle, weighted=False)
         gathered.append(out.float())  # a copy: ``out`` is buffer memory reused by the next combine
     parts = torch.cat(gathered, dim=1)[:, : blocks * H].view(-1, top_k, PIECES, H)
     return (parts[:, :, 0] + parts[:, :, 1]) + parts[:, :, 2]

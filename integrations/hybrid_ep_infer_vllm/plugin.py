@@ -10,8 +10,12 @@ vLLM has no registry of all-to-all backends: ``maybe_make_prepare_finalize`` (in
 replaces that function there and in every loaded module that holds it. The replacement
 takes over only where vLLM would run its default all-gather/reduce-scatter path with
 expert parallelism (``--all2all-backend allgather_reducescatter``, which also keeps vLLM's
-CUDA graphs), for unquantized bf16 layers, and float32 ones (exact, for testing: see
-``exact_fp32``); everything else goes to vLLM's own function.
+CUDA graphs), for unquantized bf16 layers, float32 ones (exact, for testing: see
+``exact_fp32``) and block-FP8 ones (dynamic 1x128 activation scales, bf16 activations:
+FP8 rows and scales travel; see ``fp8_input``); everything else goes to vLLM's own
+function. Unquantized layers served with ``--moe-backend batched_triton`` get the
+batched activation format (a batched buffer), since that is what vLLM then builds
+experts for; all others get the Standard format.
 One buffer serves every layer of the same sizes; each step ends with ``check_errors()``
 on those buffers (outside graph capture). See docs/VLLM_NOTES.md for the vLLM facts.
 """
@@ -30,7 +34,7 @@ SUPPORTED_VERSIONS = ((0, 32), (0, 33))
 _MARK = "__hybrid_ep_infer__"
 
 logger = logging.getLogger(__name__)
-_buffers: dict[tuple, object] = {}  # (hidden, dtype, max_tokens, experts, top_k) -> EPBuffer
+_buffers: dict[tuple, object] = {}  # (hidden, payload dtype, layout, max_tokens, experts, top_k) -> EPBuffer
 
 
 def register() -> None:
@@ -55,10 +59,32 @@ def register() -> None:
 
 def takes_over(moe, quant_config, routing_tables=None, allow_new_interface=False, use_monolithic=False) -> bool:
     """Whether the plugin builds this layer's prepare/finalize (else vLLM's own does)."""
-    unquantized = quant_config is None or getattr(quant_config, "quant_dtype", None) is None
     return bool(getattr(moe, "use_ag_rs_all2all_kernels", False) and allow_new_interface and not use_monolithic
-                and routing_tables is None and unquantized and moe.in_dtype in (torch.bfloat16, torch.float32)
+                and routing_tables is None and _rows_dtype(moe, quant_config) is not None
                 and moe.num_experts % moe.moe_parallel_config.ep_size == 0)
+
+
+def _rows_dtype(moe, quant_config) -> torch.dtype | None:
+    """What the layer's dispatched rows are: its activations' dtype, FP8, or None (not ours)."""
+    from .fp8_input import FP8, GROUP, wants_block_fp8
+
+    if quant_config is None or getattr(quant_config, "quant_dtype", None) is None:  # unquantized inputs
+        return moe.in_dtype if moe.in_dtype in (torch.bfloat16, torch.float32) else None
+    if wants_block_fp8(quant_config) and moe.in_dtype == torch.bfloat16 and moe.hidden_dim % GROUP == 0:
+        return FP8
+    return None
+
+
+def _layout(moe, quant_config) -> str:
+    """The buffer layout, i.e. the activation format vLLM builds this layer's experts for.
+
+    vLLM 0.32's unquantized oracle picks batched experts (BatchedTritonExperts) on this
+    path only for ``--moe-backend batched_triton`` (``oracle/unquantized.py``); the other
+    oracles pick batched experts only for DeepEP low-latency and NIXL, never here.
+    """
+    unquantized = quant_config is None or (getattr(quant_config, "quant_dtype", None) is None
+                                           and getattr(quant_config, "weight_quant_dtype", None) is None)
+    return "batched" if unquantized and getattr(moe, "moe_backend", "auto") == "batched_triton" else "contiguous"
 
 
 def _wrap(original):
@@ -68,7 +94,12 @@ def _wrap(original):
         if takes_over(moe, quant_config, routing_tables, allow_new_interface, use_monolithic):
             from .prepare_finalize import HybridEPPrepareAndFinalize
 
-            return HybridEPPrepareAndFinalize(_buffer_for(moe), activation_dtype=moe.in_dtype)
+            rows, layout = _rows_dtype(moe, quant_config), _layout(moe, quant_config)
+            # FP8 layers whose experts quantize their own inputs (learnt later, in
+            # post_init_setup) dispatch bf16: that buffer is built only then.
+            unquantized = None if rows == moe.in_dtype else functools.partial(_buffer_for, moe, moe.in_dtype, layout)
+            return HybridEPPrepareAndFinalize(_buffer_for(moe, rows, layout), activation_dtype=moe.in_dtype,
+                                              unquantized_buffer=unquantized)
         return original(moe, quant_config, routing_tables, allow_new_interface, use_monolithic, all2all_manager,
                         input_dtype)
 
@@ -87,19 +118,23 @@ def _rebind(original, replacement) -> None:
             setattr(module, "maybe_make_prepare_finalize", replacement)
 
 
-def _buffer_for(moe):
-    """The buffer for this layer's sizes, built (collectively, over the EP group) on first use."""
+def _buffer_for(moe, rows: torch.dtype, layout: str):
+    """The buffer for this layer's sizes and rows (bf16, float32 or FP8), built (collectively,
+    over the EP group) on first use."""
     from vllm.distributed.parallel_state import get_ep_group
 
     from hybrid_ep_infer import EPBuffer
 
     from .exact_fp32 import buffer_format
+    from .fp8_input import FP8
 
-    key = (moe.hidden_dim, moe.in_dtype, moe.max_num_tokens, moe.num_experts, moe.experts_per_token)
+    # float32 rows: a bf16 buffer of 2x hidden (exact_fp32); FP8: rows plus 1x128 scales.
+    hidden, dtype = (moe.hidden_dim, FP8) if rows == FP8 else buffer_format(moe.hidden_dim, rows)
+    key = (hidden, dtype, layout, moe.max_num_tokens, moe.num_experts, moe.experts_per_token)
     if key not in _buffers:
-        hidden, dtype = buffer_format(moe.hidden_dim, moe.in_dtype)  # float32: a bf16 buffer of 2x hidden
         _buffers[key] = EPBuffer(group=get_ep_group().cpu_group, hidden=hidden, max_tokens=moe.max_num_tokens,
-                                 num_experts=moe.num_experts, top_k=moe.experts_per_token, dtype=dtype)
+                                 num_experts=moe.num_experts, top_k=moe.experts_per_token, dtype=dtype,
+                                 layout=layout)
         _check_errors_every_step()
     return _buffers[key]
 
