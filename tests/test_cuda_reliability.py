@@ -25,8 +25,7 @@ import torch.distributed as dist
 
 from dist_utils import launch, spawn
 from gpu_helpers import assert_dispatch_equal, assert_same_errors, make_buffer, poison
-from hybrid_ep_infer import (BufferClosedError, EPBuffer, PeerTimeoutError, RoutingDataError,
-                             mapped_peer_buffers)
+from hybrid_ep_infer import BufferClosedError, PeerTimeoutError, RoutingDataError, mapped_peer_buffers
 from moe_cases import Case
 
 # ---------------------------------------------------------------------------- fuzz

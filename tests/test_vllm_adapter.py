@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from dist_utils import spawn
+from vllm_configs import expert_parallel, moe_config, no_parallel
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 
@@ -91,8 +92,7 @@ def make_torch_experts(mk):
 def run_layer(rank: int, world_size: int, top_k: int, weights_on_input: bool) -> None:
     mk = import_vllm()
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
-    from vllm.model_executor.layers.fused_moe.config import (FUSED_MOE_UNQUANTIZED_CONFIG, FusedMoEConfig,
-                                                             FusedMoEParallelConfig, RoutingMethodType)
+    from vllm.model_executor.layers.fused_moe.config import FUSED_MOE_UNQUANTIZED_CONFIG
     from vllm.model_executor.layers.fused_moe.expert_map_manager import determine_expert_map
 
     from hybrid_ep_infer import EPBuffer
@@ -100,13 +100,8 @@ def run_layer(rank: int, world_size: int, top_k: int, weights_on_input: bool) ->
 
     E = 4 * world_size
     L = E // world_size
-    parallel = FusedMoEParallelConfig(tp_size=1, pcp_size=1, dp_size=world_size, ep_size=world_size, tp_rank=0,
-                                      pcp_rank=0, dp_rank=rank, ep_rank=rank, sp_size=1, use_ep=True,
-                                      all2all_backend="allgather_reducescatter", enable_eplb=False)
-    config = FusedMoEConfig(num_experts=E, experts_per_token=top_k, hidden_dim=H, intermediate_size=I,
-                            num_local_experts=L, num_logical_experts=E, activation=MoEActivation.SILU,
-                            device="cpu", routing_method=RoutingMethodType.TopK, moe_parallel_config=parallel,
-                            in_dtype=torch.bfloat16, max_num_tokens=T)
+    config = moe_config(expert_parallel(rank, world_size), num_experts=E, local_experts=L, top_k=top_k, hidden=H,
+                        intermediate=I, max_tokens=T)
     _, expert_map, _ = determine_expert_map(world_size, rank, E)
     g = torch.Generator().manual_seed(0)  # same weights on every rank
     w1 = (torch.randn(E, 2 * I, H, generator=g) / 8).to(torch.bfloat16)
@@ -167,8 +162,6 @@ def cpu_experts(config, w13, w2):
 def run_cpu_experts(rank: int, world_size: int, dtype: torch.dtype, top_k: int, weights_on_input: bool) -> None:
     mk = import_vllm()
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
-    from vllm.model_executor.layers.fused_moe.config import (FusedMoEConfig, FusedMoEParallelConfig,
-                                                             RoutingMethodType)
     from vllm.model_executor.layers.fused_moe.prepare_finalize.no_dp_ep import MoEPrepareAndFinalizeNoDPEPModular
 
     from hybrid_ep_infer import EPBuffer
@@ -177,15 +170,11 @@ def run_cpu_experts(rank: int, world_size: int, dtype: torch.dtype, top_k: int, 
 
     E = 4 * world_size
     L = E // world_size
-    ep = FusedMoEParallelConfig(tp_size=1, pcp_size=1, dp_size=world_size, ep_size=world_size, tp_rank=0,
-                                pcp_rank=0, dp_rank=rank, ep_rank=rank, sp_size=1, use_ep=True,
-                                all2all_backend="allgather_reducescatter", enable_eplb=False)
+    ep = expert_parallel(rank, world_size)
 
     def config(parallel, local_experts):
-        return FusedMoEConfig(num_experts=E, experts_per_token=top_k, hidden_dim=H, intermediate_size=I,
-                              num_local_experts=local_experts, num_logical_experts=E, activation=MoEActivation.SILU,
-                              device="cpu", routing_method=RoutingMethodType.TopK, moe_parallel_config=parallel,
-                              in_dtype=dtype, max_num_tokens=T)
+        return moe_config(parallel, num_experts=E, local_experts=local_experts, top_k=top_k, hidden=H, intermediate=I,
+                          max_tokens=T, dtype=dtype)
 
     g = torch.Generator().manual_seed(0)  # same weights on every rank
     w1 = (torch.randn(E, 2 * I, H, generator=g) / 8).to(dtype)
@@ -193,7 +182,7 @@ def run_cpu_experts(rank: int, world_size: int, dtype: torch.dtype, top_k: int, 
     mine = slice(rank * L, (rank + 1) * L)
     experts, layer = cpu_experts(config(ep, L), w1[mine], w2[mine])
     # The reference: vLLM's own kernel without expert parallelism, same experts class, all E experts.
-    full_experts, full_layer = cpu_experts(config(FusedMoEParallelConfig.make_no_parallel(), E), w1, w2)
+    full_experts, full_layer = cpu_experts(config(no_parallel(), E), w1, w2)
     reference = mk.FusedMoEKernel(MoEPrepareAndFinalizeNoDPEPModular(), full_experts)
 
     hidden, payload = buffer_format(H, dtype)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from dist_utils import spawn
+from vllm_configs import expert_parallel, moe_config, no_parallel
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 
@@ -37,8 +38,7 @@ def run_batched(rank: int, world_size: int, dtype: torch.dtype, top_k: int, weig
     NaiveBatchedExperts = batched_experts_class()
     from vllm.model_executor.layers.fused_moe import modular_kernel as mk
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
-    from vllm.model_executor.layers.fused_moe.config import (FUSED_MOE_UNQUANTIZED_CONFIG, FusedMoEConfig,
-                                                             FusedMoEParallelConfig, RoutingMethodType)
+    from vllm.model_executor.layers.fused_moe.config import FUSED_MOE_UNQUANTIZED_CONFIG
     from vllm.model_executor.layers.fused_moe.expert_map_manager import determine_expert_map
     from vllm.model_executor.layers.fused_moe.prepare_finalize import BatchedPrepareAndFinalize
 
@@ -48,15 +48,11 @@ def run_batched(rank: int, world_size: int, dtype: torch.dtype, top_k: int, weig
 
     E = 4 * world_size
     L = E // world_size
-    ep = FusedMoEParallelConfig(tp_size=1, pcp_size=1, dp_size=world_size, ep_size=world_size, tp_rank=0,
-                                pcp_rank=0, dp_rank=rank, ep_rank=rank, sp_size=1, use_ep=True,
-                                all2all_backend="allgather_reducescatter", enable_eplb=False)
+    ep = expert_parallel(rank, world_size)
 
     def config(parallel, local_experts):
-        return FusedMoEConfig(num_experts=E, experts_per_token=top_k, hidden_dim=H, intermediate_size=I,
-                              num_local_experts=local_experts, num_logical_experts=E, activation=MoEActivation.SILU,
-                              device="cpu", routing_method=RoutingMethodType.TopK, moe_parallel_config=parallel,
-                              in_dtype=dtype, max_num_tokens=T, moe_backend="batched_triton")
+        return moe_config(parallel, num_experts=E, local_experts=local_experts, top_k=top_k, hidden=H, intermediate=I,
+                          max_tokens=T, dtype=dtype, moe_backend="batched_triton")
 
     g = torch.Generator().manual_seed(0)  # same weights on every rank
     w1 = (torch.randn(E, 2 * I, H, generator=g) / 8).to(dtype)
@@ -65,7 +61,7 @@ def run_batched(rank: int, world_size: int, dtype: torch.dtype, top_k: int, weig
     # The reference: vLLM's own batched prepare/finalize and experts, no expert parallelism.
     reference = mk.FusedMoEKernel(
         BatchedPrepareAndFinalize(max_num_tokens=T, num_local_experts=E, num_dispatchers=1, rank=0),
-        NaiveBatchedExperts(config(FusedMoEParallelConfig.make_no_parallel(), E), FUSED_MOE_UNQUANTIZED_CONFIG,
+        NaiveBatchedExperts(config(no_parallel(), E), FUSED_MOE_UNQUANTIZED_CONFIG,
                             max_num_tokens=T, num_dispatchers=1))
     _, expert_map, _ = determine_expert_map(world_size, rank, E)
 

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from dist_utils import spawn
+from vllm_configs import expert_parallel, moe_config
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 
@@ -179,8 +180,7 @@ def run_standard(rank: int, world_size: int, top_k: int) -> None:
     fp8_input = import_fp8()
     from vllm.model_executor.layers.fused_moe import modular_kernel as mk
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
-    from vllm.model_executor.layers.fused_moe.config import (FusedMoEConfig, FusedMoEParallelConfig,
-                                                             FusedMoEQuantConfig, RoutingMethodType)
+    from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig
     from vllm.model_executor.layers.fused_moe.expert_map_manager import determine_expert_map
 
     from hybrid_ep_infer import EPBuffer
@@ -188,13 +188,8 @@ def run_standard(rank: int, world_size: int, top_k: int) -> None:
 
     E = 4 * world_size
     L = E // world_size
-    parallel = FusedMoEParallelConfig(tp_size=1, pcp_size=1, dp_size=world_size, ep_size=world_size, tp_rank=0,
-                                      pcp_rank=0, dp_rank=rank, ep_rank=rank, sp_size=1, use_ep=True,
-                                      all2all_backend="allgather_reducescatter", enable_eplb=False)
-    config = FusedMoEConfig(num_experts=E, experts_per_token=top_k, hidden_dim=H, intermediate_size=I,
-                            num_local_experts=L, num_logical_experts=E, activation=MoEActivation.SILU,
-                            device="cpu", routing_method=RoutingMethodType.TopK, moe_parallel_config=parallel,
-                            in_dtype=torch.bfloat16, max_num_tokens=T)
+    config = moe_config(expert_parallel(rank, world_size), num_experts=E, local_experts=L, top_k=top_k, hidden=H,
+                        intermediate=I, max_tokens=T)
     quant = block_fp8_config()
     _, expert_map, _ = determine_expert_map(world_size, rank, E)
     g = torch.Generator().manual_seed(0)  # same weights on every rank
@@ -261,21 +256,14 @@ def run_batched(rank: int, world_size: int) -> None:
     NaiveBatchedExperts = batched_experts_class()
     from vllm.model_executor.layers.fused_moe import modular_kernel as mk
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
-    from vllm.model_executor.layers.fused_moe.config import (FusedMoEConfig, FusedMoEParallelConfig,
-                                                             RoutingMethodType)
 
     from hybrid_ep_infer import EPBuffer
     from hybrid_ep_infer_vllm.prepare_finalize import HybridEPPrepareAndFinalize
 
     E, top_k = 4 * world_size, 2
     L = E // world_size
-    parallel = FusedMoEParallelConfig(tp_size=1, pcp_size=1, dp_size=world_size, ep_size=world_size, tp_rank=0,
-                                      pcp_rank=0, dp_rank=rank, ep_rank=rank, sp_size=1, use_ep=True,
-                                      all2all_backend="allgather_reducescatter", enable_eplb=False)
-    config = FusedMoEConfig(num_experts=E, experts_per_token=top_k, hidden_dim=H, intermediate_size=I,
-                            num_local_experts=L, num_logical_experts=E, activation=MoEActivation.SILU,
-                            device="cpu", routing_method=RoutingMethodType.TopK, moe_parallel_config=parallel,
-                            in_dtype=torch.bfloat16, max_num_tokens=T)
+    config = moe_config(expert_parallel(rank, world_size), num_experts=E, local_experts=L, top_k=top_k, hidden=H,
+                        intermediate=I, max_tokens=T)
     g = torch.Generator().manual_seed(0)  # same weights on every rank, FP8 in 128x128 blocks
     w1, w1_scale = block_quantize(torch.randn(E, 2 * I, H, generator=g) / 16)
     w2, w2_scale = block_quantize(torch.randn(E, H, I, generator=g) / 8)
