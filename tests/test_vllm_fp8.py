@@ -69,10 +69,9 @@ def test_cpu_quantization_equals_vllm_quantfp8():
 
 
 def make_fp8_experts(mk, fp8_input, quantizes_itself: bool):
-    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
-    from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import TopKWeightAndReduceNoOP
+    from test_vllm_adapter import make_torch_experts
 
-    class TorchFp8Experts(mk.FusedMoEExpertsModular):
+    class TorchFp8Experts(make_torch_experts(mk)):
         """Standard format, SiLU-and-mul, global ids via expert_map; dequantizes block-FP8
         rows with the scales it is handed (or, if it quantizes itself, its bf16 rows)."""
 
@@ -81,34 +80,8 @@ def make_fp8_experts(mk, fp8_input, quantizes_itself: bool):
             return quantizes_itself
 
         @staticmethod
-        def activation_format():
-            return mk.FusedMoEActivationFormat.Standard
-
-        @staticmethod
-        def _supports_current_device():
-            return True
-
-        @staticmethod
-        def _supports_no_act_and_mul():
-            return False
-
-        @staticmethod
         def _supports_quant_scheme(weight_key, activation_key):
             return True
-
-        @staticmethod
-        def _supports_activation(activation):
-            return activation == MoEActivation.SILU
-
-        @staticmethod
-        def _supports_parallel_config(parallel_config):
-            return True
-
-        def finalize_weight_and_reduce_impl(self):
-            return TopKWeightAndReduceNoOP()
-
-        def workspace_shapes(self, M, N, K, topk, global_num_experts, local_num_experts, meta, activation):
-            return (0,), (0,), (M, K)
 
         def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, global_num_experts,
                   expert_map, a1q_scale, a2_scale, workspace13, workspace2, expert_tokens_meta,
