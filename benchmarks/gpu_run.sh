@@ -12,6 +12,9 @@
 #                                          # (slow: only the tests that smoke leaves out)
 #   TESTS=tests/test_cuda_combine.py bash benchmarks/gpu_run.sh smoke   # a subset of files
 #
+# More than 8 files under $OUT are packed into $OUT/logs.tgz at the end (results.md,
+# results.json and machine.txt stay beside it).
+#
 # The compiled library has no Python ABI, so one built on a CPU machine
 # (cmake -B build && cmake --build build) can be carried as build/libhybrid_ep_infer.so.
 set -uo pipefail
@@ -64,4 +67,12 @@ for tier in "${tiers[@]}"; do
   status=${PIPESTATUS[0]}
   [ "$status" -eq 0 ] || break
 done
+
+# The device tool brings back at most 8 files: past that, pack the logs into one archive
+# and keep only the summaries beside it.
+if [ "$(find "$OUT" -maxdepth 1 -type f | wc -l)" -gt 8 ]; then
+  (cd "$OUT" && tar czf logs.tgz --exclude=logs.tgz ./* &&
+    find . -maxdepth 1 -type f ! -name logs.tgz ! -name results.md ! -name results.json ! -name machine.txt -delete)
+  echo "logs packed into $OUT/logs.tgz"
+fi
 exit "$status"
