@@ -12,6 +12,11 @@ import hybrid_ep_infer
 from dist_utils import free_port
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+FINISHED = "README example finished"
+# torch 2.13 (CPU) with gloo now and then aborts a process at interpreter exit, after all its
+# work, with exactly this message (seen once in ~30 runs of the compile example, and in spawned
+# gloo ranks: tests/dist_utils.py). The example counts as run if it reached its last line.
+TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 @pytest.mark.parametrize("section_title", ["## Example", "## torch.compile and CUDA graphs"])
@@ -20,9 +25,11 @@ def test_readme_example_runs(tmp_path, section_title):
     section = text.split(section_title, 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     script = tmp_path / "example.py"
-    script.write_text(code)
+    script.write_text(code + f"print({FINISHED!r}, flush=True)\n")  # flushed before any exit-time abort
     package_root = str(Path(hybrid_ep_infer.__file__).resolve().parent.parent)  # the copy under test
     env = dict(os.environ, MASTER_PORT=str(free_port()),
                PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    assert FINISHED in done.stdout, done.stderr
+    exit_abort = done.returncode == -6 and done.stderr.strip() == TEARDOWN_ABORT
+    assert done.returncode == 0 or exit_abort, done.stderr
