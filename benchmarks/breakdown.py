@@ -5,7 +5,8 @@
 
 Spawns one process per GPU, runs uniform routing, profiles 10 calls with
 torch.profiler and prints, for rank 0, the mean device time of each kernel and the
-NVLink rate the send kernels reach on the rows this rank sends off-GPU.
+rate of the dispatch transfer kernel (send and expand overlapped) over the rows this
+rank sends off-GPU.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def worker(rank: int, args) -> None:
                       f"num_sms={num_sms}; rank 0 sends {off_gpu_bytes / 1e6:.1f} MB off-GPU per dispatch")
                 for name, us in sorted(totals.items(), key=lambda kv: -kv[1]):
                     extra = ""
-                    if name.startswith("send_kernel"):
+                    if name.startswith("transfer_kernel"):
                         extra = f"   ({off_gpu_bytes / us / 1e3:.0f} GB/s off-GPU)"
                     print(f"  {name:28s} {us:9.1f} us{extra}")
                 print(f"  {'total':28s} {sum(totals.values()):9.1f} us")

@@ -34,6 +34,20 @@ void set_last_error(const char* format, ...) {
 
 void clear_last_error() { last_error.clear(); }
 
+// The part of a kernel parameter block that comes from the attached buffer (the
+// same fields in DispatchParams and CombineParams).
+template <typename Params>
+void fill_buffer_params(const hep_context& context, Params& p) {
+  const hep::Sizes& s = context.sizes;
+  p.sizes = s;
+  p.off = context.offsets;
+  p.local = context.workspaces[s.rank];
+  for (int r = 0; r < s.world; ++r) p.peers[r] = context.workspaces[r];
+  p.errors = context.errors_device;
+  p.timeout_ns = context.desc.timeout_ns;
+  p.blocks = context.desc.num_sms;
+}
+
 }  // namespace hep
 
 extern "C" {
@@ -193,6 +207,12 @@ hep_status_t hep_context_attach(hep_context_t* context, const hep_buffer_desc_t*
                 "workspace of rank %d is NULL or not 128-byte aligned", r);
     context->workspaces[r] = workspaces[r];
   }
+  // The copy kernels' blocks wait on each other (a block's expanders on another block's
+  // senders), so every block must be resident at once: at most one per SM.
+  int sm_count = 0;
+  HEP_CUDA_CALL(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, context->device));
+  HEP_REQUIRE(desc->num_sms <= sm_count, "num_sms %d exceeds the %d SMs of device %d", desc->num_sms, sm_count,
+              context->device);
   context->desc = *desc;
   context->sizes = hep::make_sizes(*desc);
   context->offsets = hep::make_offsets(context->sizes);
@@ -217,13 +237,7 @@ hep_status_t hep_dispatch(hep_context_t* context, const hep_dispatch_args_t* arg
               "hep_dispatch: this buffer carries FP8 scales; scales must not be NULL");
 
   hep::DispatchParams p{};
-  p.sizes = s;
-  p.off = context->offsets;
-  p.local = context->workspaces[s.rank];
-  for (int r = 0; r < s.world; ++r) p.peers[r] = context->workspaces[r];
-  p.errors = context->errors_device;
-  p.timeout_ns = context->desc.timeout_ns;
-  p.send_blocks = context->desc.num_sms;
+  hep::fill_buffer_params(*context, p);
   p.x = args->x;
   p.scales = args->scales;
   p.topk_idx = args->topk_idx;
@@ -251,13 +265,7 @@ hep_status_t hep_combine(hep_context_t* context, const hep_combine_args_t* args,
               "hep_combine: y and out must be 16-byte aligned");
 
   hep::CombineParams p{};
-  p.sizes = s;
-  p.off = context->offsets;
-  p.local = context->workspaces[s.rank];
-  for (int r = 0; r < s.world; ++r) p.peers[r] = context->workspaces[r];
-  p.errors = context->errors_device;
-  p.timeout_ns = context->desc.timeout_ns;
-  p.send_blocks = context->desc.num_sms;
+  hep::fill_buffer_params(*context, p);
   p.y = args->y;
   p.out = args->out;
   p.num_rows = args->num_rows;

@@ -32,8 +32,14 @@ struct Sizes {
 
 // Byte offsets of every region. "peer" regions are written by other GPUs.
 struct WorkspaceOffsets {
-  // peer: monotonic arrival counters, one per source rank, uint64.
-  int64_t meta_arrivals, data_arrivals, combine_arrivals;
+  // peer: monotonic arrival counter of each source's routing, [W] uint64.
+  int64_t meta_arrivals;
+  // peer: per-row flags, uint64, each the number of the call that last wrote the row:
+  // data_flags [W (source)][T]: dispatch call that wrote source's token t here;
+  // combine_flags [W (destination)][T]: combine that wrote destination's partial of t here.
+  int64_t data_flags, combine_flags;
+  // peer: [W] uint64, the last combine each peer has finished (its reads of its partials done).
+  int64_t combine_done;
   // peer: [2 (call parity)][W (source)] routing slots.
   int64_t routing;
   // peer: dispatch payload [slots, H] and FP8 scales [slots, H/128].
@@ -84,8 +90,9 @@ inline WorkspaceOffsets make_offsets(const Sizes& s) {
   };
   const int64_t W = s.world, T = s.max_tokens, K = s.top_k, slots = s.slots;
   o.meta_arrivals = take(8 * W);
-  o.data_arrivals = take(8 * W);
-  o.combine_arrivals = take(8 * W);
+  o.data_flags = take(8 * W * T);
+  o.combine_flags = take(8 * W * T);
+  o.combine_done = take(8 * W);
   o.routing = take(2 * W * s.routing_slot_bytes());
   o.hidden = take(slots * s.row_bytes);
   o.scales = take(slots * s.scale_cols * 4);

@@ -37,6 +37,32 @@ def check_round_trip(rank: int, case: Case, num_tokens: str = "int") -> None:
             assert_same_errors(cud, ref, f"rank {rank} {case}")
 
 
+def check_combines_with_a_rank_running_ahead(rank: int, world_size: int) -> None:
+    """Many combines after one dispatch while the last rank has no tokens (so its combines
+    wait for nobody) and rank 0 starts each one late: the last rank's partials for later
+    combines must not overwrite ones rank 0 has not read yet (partials alternate between
+    two halves)."""
+    case = Case(world_size=world_size, hidden=2048, max_tokens=128, num_experts=8 * world_size, top_k=8,
+                routing="empty_rank", seed=7)
+    device = torch.device("cuda", rank)
+    inp = to_device(make_inputs(case)[rank], device)
+    with make_buffer(case, "cuda") as cud, make_buffer(case, "reference", device=device) as ref:
+        got = dispatch(cud, inp, "int")
+        want = dispatch(ref, inp, "int")
+        y0 = experts_on_dispatch_output(want, rank, case.num_local_experts)
+        ys = [(y0.float() * (i + 1)).to(torch.bfloat16) for i in range(6)]
+        torch.cuda.synchronize()
+        got_outs = []
+        for y in ys:  # no host wait and no other collective in between
+            if rank == 0:
+                torch.cuda._sleep(20_000_000)  # ~10 ms: the other ranks run ahead
+            got_outs.append(cud.combine(y, got.handle, out=torch.empty_like(inp.x, dtype=torch.bfloat16)))
+        torch.cuda.synchronize()
+        for i, y in enumerate(ys):
+            assert bits_equal(got_outs[i], ref.combine(y, want.handle)), f"rank {rank} combine {i}"
+        assert_same_errors(cud, ref, f"rank {rank} running ahead")
+
+
 def combine_cases(world_size: int, full: bool) -> list[Case]:
     base = Case(world_size=world_size, hidden=2048, max_tokens=128, num_experts=8 * world_size, top_k=8)
     cases = [
@@ -284,6 +310,7 @@ def smoke_worker(rank: int, world_size: int) -> None:
     torch.cuda.set_device(rank)
     for i, case in enumerate(combine_cases(world_size, full=False)):
         check_round_trip(rank, case, ("int", "device", "default")[i % 3])
+    check_combines_with_a_rank_running_ahead(rank, world_size)
     run_graph_round_trip(rank, world_size, replays=100)
     run_moe_layer(rank, world_size, replays=100)
 

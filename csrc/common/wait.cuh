@@ -39,12 +39,22 @@ __device__ __forceinline__ bool timed_out_before(const WaitContext& w) { return 
 // Acquires `counter` >= `expected`: after true, everything the peer released with
 // the counter update is visible to the calling thread (share it with the block by a
 // __syncthreads that follows).
+static __device__ __noinline__ bool spin_until_at_least(const uint64_t* counter, uint64_t expected, const WaitContext& w,
+                                                 uint32_t phase, uint32_t peer);
+
 __device__ __forceinline__ bool wait_counter_at_least(const uint64_t* counter, uint64_t expected, const WaitContext& w,
                                                       uint32_t phase, uint32_t peer) {
   if (ptx::ld_acquire_sys(counter) >= expected) return true;
+  return spin_until_at_least(counter, expected, w, phase, peer);
+}
+
+// The slow path, out of line so that waiting code in hot loops keeps its registers.
+static __device__ __noinline__ bool spin_until_at_least(const uint64_t* counter, uint64_t expected, const WaitContext& w,
+                                                 uint32_t phase, uint32_t peer) {
   const uint64_t start = ptx::globaltimer_ns();
   for (uint32_t spins = 1;; ++spins) {
-    if (ptx::ld_acquire_sys(counter) >= expected) return true;
+    // Poll relaxed; acquire once the value is there.
+    if (ptx::ld_relaxed_sys(counter) >= expected) return ptx::ld_acquire_sys(counter) >= expected;
     if (spins % 256 == 0) {  // the clock is slower to read than the counter
       if (timed_out_before(w)) return false;
       if (ptx::globaltimer_ns() - start > w.timeout_ns) {
@@ -71,6 +81,26 @@ __device__ __forceinline__ bool block_wait_all_peers(const uint64_t* counters, i
     ok &= wait_counter_at_least(counters + peer, expected, w, phase, peer);
   }
   return __syncthreads_and(ok);
+}
+
+// Per-row flags hold the number of the call that last wrote the row (they only grow,
+// so replays need no resets). Producer side: after the calling warp's data stores,
+// each lane with `signal` publishes them to the reader of `flag` (__syncwarp makes the
+// other lanes' stores part of what the release covers). Every lane must call it.
+__device__ __forceinline__ void warp_release_flag(bool signal, uint64_t* flag, uint64_t call) {
+  __syncwarp();
+  if (signal) ptx::st_release_sys(flag, call);
+}
+
+// Consumer side: each lane with `want` acquires its `flag` >= call; returns the
+// warp-wide verdict. After true, what was released with every waited flag is visible to
+// every lane of the warp. Every lane must call it.
+__device__ __forceinline__ bool warp_acquire_flags(bool want, const uint64_t* flag, uint64_t call,
+                                                   const WaitContext& w, uint32_t phase, uint32_t peer) {
+  const bool ok = !want || wait_counter_at_least(flag, call, w, phase, peer);
+  const bool all = __all_sync(0xffffffffu, ok);
+  __syncwarp();
+  return all;
 }
 
 }  // namespace hep

@@ -1,4 +1,4 @@
-// Combine kernels (see combine.cuh). One warp per token; each lane owns 8 columns
+// The combine kernel (see combine.cuh). One warp per token; each lane owns 8 columns
 // (one 16-byte vector of bf16) at a time.
 #include <cuda_bf16.h>
 
@@ -6,11 +6,18 @@
 #include "common/wait.cuh"
 #include "kernels/combine.cuh"
 
+#ifndef HEP_COMBINE_REDUCE_WARPS
+#define HEP_COMBINE_REDUCE_WARPS 13
+#endif
+
 namespace hep {
 namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
+// Warps per block that reduce; the rest gather. 13 and 3 measured fastest (NOTES.md #6).
+constexpr int kReduceWarps = HEP_COMBINE_REDUCE_WARPS;
+static_assert(kReduceWarps > 0 && kReduceWarps < kWarps, "both roles need warps");
 // A lane sums kVectors 16-byte columns at once (v, v+32, ...), loading kTermsInFlight
 // terms (rows or partials) of each before the first add: 16 loads in flight per lane.
 // The kernels are bound by memory latency, not bandwidth, at 24 SMs (NOTES.md #4).
@@ -100,30 +107,32 @@ __device__ __forceinline__ uint64_t current_combine(const CombineParams& p) {
   return *at<const uint64_t>(p.local, p.off.combine_epoch) + 1;
 }
 
-// 1. Per (source, token) with rows here: the bf16 partial, written to the source.
-__global__ void __launch_bounds__(kThreads) reduce_kernel(const __grid_constant__ CombineParams p) {
+// Reduce role. Items (t, source) in token-major order, sources rotated from rank + 1:
+// per received token, the bf16 partial written into the source's partials, then the
+// release of its flag there.
+__device__ void reduce_tokens(const CombineParams& p, uint64_t combine, int warp, int warps, int lane) {
   const Sizes& s = p.sizes;
   const int W = s.world, K = s.top_k, T = s.max_tokens;
-  const bool broken = timed_out_before(wait_context(p));
-  const int parity = static_cast<int>(current_combine(p) & 1);
+  const int parity = static_cast<int>(combine & 1);
   const int32_t* src_tokens = at<const int32_t>(p.local, p.off.src_tokens);
   const int32_t* first_row = at<const int32_t>(p.local, p.off.first_row);
   const int32_t* row_of = at<const int32_t>(p.local, p.off.row_of);
   const float* weights = at<const float>(p.local, p.off.weights);
-  const int lane = threadIdx.x % 32;
   const int vectors = s.hidden / 8;
   __shared__ const int4* warp_rows[kWarps][kMaxTopK];
   __shared__ float warp_weights[kWarps][kMaxTopK];
+  const int4** rows = warp_rows[threadIdx.x / 32];
+  float* row_weights = warp_weights[threadIdx.x / 32];
+  int max_n = 0;
+  for (int r = 0; r < W; ++r) max_n = max(max_n, src_tokens[r]);
 
-  for (int64_t item = blockIdx.x * (int64_t)kWarps + threadIdx.x / 32; !broken && item < (int64_t)W * T;
-       item += (int64_t)gridDim.x * kWarps) {
-    const int source = static_cast<int>(item / T), t = static_cast<int>(item % T);
-    if (t >= src_tokens[source] || first_row[item] < 0) continue;
+  for (int64_t item = warp; item < (int64_t)max_n * W; item += warps) {
+    const int t = static_cast<int>(item / W), source = (s.rank + 1 + static_cast<int>(item % W)) % W;
+    const int64_t token = (int64_t)source * T + t;
+    if (t >= src_tokens[source] || first_row[token] < 0) continue;
     // The token's rows here and their weights, ascending k, shared by the warp's lanes.
-    const int4** rows = warp_rows[threadIdx.x / 32];
-    float* row_weights = warp_weights[threadIdx.x / 32];
     __syncwarp();
-    const int32_t row = lane < K ? row_of[item * K + lane] : -1;
+    const int32_t row = lane < K ? row_of[token * K + lane] : -1;
     const uint32_t valid = __ballot_sync(0xffffffffu, row >= 0);
     if (row >= 0) {
       const int j = __popc(valid & ((1u << lane) - 1));
@@ -133,67 +142,91 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(const __grid_constant_
     __syncwarp();
     int4* dst = reinterpret_cast<int4*>(partials(p.peers[source], s, p.off, parity, s.rank, t));
     sum_rows<true>(dst, rows, row_weights, __popc(valid), p.weighted, vectors, lane);
-  }
-  // Publishes this block's partials to every source; acquired by gather_kernel there.
-  __syncthreads();
-  if (!broken && threadIdx.x < W) {
-    ptx::fence_acq_rel_sys();
-    ptx::red_add_release_sys(at<uint64_t>(p.peers[threadIdx.x], p.off.combine_arrivals) + s.rank, 1);
+    warp_release_flag(lane == 0, at<uint64_t>(p.peers[source], p.off.combine_flags) + (int64_t)s.rank * T + t,
+                      combine);
   }
 }
 
-// 2. Per token of this rank: the sum of its partials in ascending destination rank.
-__global__ void __launch_bounds__(kThreads) gather_kernel(const __grid_constant__ CombineParams p) {
+// Gather role. Tokens t = warp, warp + warps, ... of this rank: once the partial of every
+// destination with rows of t is here, their sum in ascending destination rank (ranks
+// without rows of t wrote none: skipping them equals adding +0.0). Returns false if a
+// wait timed out.
+__device__ bool gather_tokens(const CombineParams& p, uint64_t combine, int warp, int warps, int lane) {
   const Sizes& s = p.sizes;
-  const int W = s.world;
-  const uint64_t combine = current_combine(p);
+  const int W = s.world, T = s.max_tokens;
   const int parity = static_cast<int>(combine & 1);
-  const bool ok = block_wait_all_peers(at<uint64_t>(p.local, p.off.combine_arrivals), W,
-                                       combine * static_cast<uint64_t>(p.send_blocks), wait_context(p), kPhaseCombinePartials);
   const int n = at<const int32_t>(p.local, p.off.src_tokens)[s.rank];
-  __shared__ const int4* warp_terms[kWarps][kMaxRanks];
   const int32_t* send_row = at<const int32_t>(p.local, p.off.send_row);
-  const int lane = threadIdx.x % 32;
+  const uint64_t* flags = at<const uint64_t>(p.local, p.off.combine_flags);
   const int vectors = s.hidden / 8;
+  __shared__ const int4* warp_terms[kWarps][kMaxRanks];
+  const int4** terms = warp_terms[threadIdx.x / 32];
 
-  for (int t = blockIdx.x * kWarps + threadIdx.x / 32; ok && t < p.num_rows; t += gridDim.x * kWarps) {
-    int4* dst = reinterpret_cast<int4*>(static_cast<__nv_bfloat16*>(p.out) + (int64_t)t * s.hidden);
-    // The partials of token t, ascending destination rank (ranks without rows of t
-    // wrote none: skipping them equals adding +0.0).
-    const int4** terms = warp_terms[threadIdx.x / 32];
+  for (int t = warp; t < p.num_rows; t += warps) {
     int count = 0;
     __syncwarp();
     for (int base = 0; base < W; base += 32) {
       const int r = base + lane;
       const bool has_rows = t < n && r < W && send_row[(int64_t)t * W + r] >= 0;
-      const uint32_t holders = __ballot_sync(0xffffffffu, has_rows);
-      if (has_rows) {
-        terms[count + __popc(holders & ((1u << lane) - 1))] =
-            reinterpret_cast<const int4*>(partials(p.local, s, p.off, parity, r, t));
+      if (!warp_acquire_flags(has_rows, flags + (int64_t)r * T + t, combine, wait_context(p), kPhaseCombinePartials, r)) {
+        return false;
       }
+      const uint32_t holders = __ballot_sync(0xffffffffu, has_rows);
+      if (has_rows) terms[count + __popc(holders & ((1u << lane) - 1))] =
+          reinterpret_cast<const int4*>(partials(p.local, s, p.off, parity, r, t));
       count += __popc(holders);
     }
     __syncwarp();
+    int4* dst = reinterpret_cast<int4*>(static_cast<__nv_bfloat16*>(p.out) + (int64_t)t * s.hidden);
     sum_rows<false>(dst, terms, nullptr, count, false, vectors, lane);
   }
+  return true;
+}
 
-  // End of the call: the last block advances the combine count.
+// Both roles in one kernel, so the sums on the source overlap the transfer of partials.
+__global__ void __launch_bounds__(kThreads) combine_kernel(const __grid_constant__ CombineParams p) {
+  const Sizes& s = p.sizes;
+  const int W = s.world;
+  const uint64_t combine = current_combine(p);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // Partials alternate between two halves by combine parity: before writing this half
+  // on a source, that source must have finished reading it (its combine - 2). Nearly
+  // always true on arrival; it matters when a rank has nothing to wait for (n = 0).
+  bool ok = block_wait_all_peers(at<uint64_t>(p.local, p.off.combine_done), W, combine >= 2 ? combine - 2 : 0,
+                                 wait_context(p), kPhaseCombinePartials);
+  if (ok) {
+    if (warp < kReduceWarps) {
+      reduce_tokens(p, combine, blockIdx.x * kReduceWarps + warp, gridDim.x * kReduceWarps, lane);
+    } else {
+      constexpr int kGatherWarps = kWarps - kReduceWarps;
+      ok = gather_tokens(p, combine, blockIdx.x * kGatherWarps + warp - kReduceWarps, gridDim.x * kGatherWarps, lane);
+    }
+  }
+
+  // End of the call: the last block advances the combine count and tells every peer
+  // that this rank is done with this half of its partials.
+  __shared__ bool last_block;
   __syncthreads();
   if (threadIdx.x == 0) {
     uint32_t* done = at<uint32_t>(p.local, p.off.combine_epoch + 8);
     __threadfence();
-    if (atomicAdd(done, 1u) == gridDim.x - 1) {
+    last_block = atomicAdd(done, 1u) == gridDim.x - 1;
+    if (last_block) {
       *done = 0;
       *at<uint64_t>(p.local, p.off.combine_epoch) = combine;
     }
+  }
+  __syncthreads();
+  if (last_block && threadIdx.x < W && !timed_out_before(wait_context(p))) {
+    ptx::fence_acq_rel_sys();
+    ptx::st_release_sys(at<uint64_t>(p.peers[threadIdx.x], p.off.combine_done) + s.rank, combine);
   }
 }
 
 }  // namespace
 
 cudaError_t launch_combine(const CombineParams& p, cudaStream_t stream) {
-  reduce_kernel<<<p.send_blocks, kThreads, 0, stream>>>(p);
-  gather_kernel<<<p.send_blocks, kThreads, 0, stream>>>(p);
+  combine_kernel<<<p.blocks, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -1,24 +1,24 @@
 // Dispatch with fused permute (SPEC sections 2-3): four kernels on one stream.
 //
-//   1. publish  every rank sanitizes its routing and writes it, with n and the
-//               weights, into every peer's routing slot; then bumps that peer's
-//               meta counter (release).
-//   2. scan     waits for every peer's routing (acquire); per (source, expert):
-//               rows per source (hist) and each row's rank among its source's rows
-//               of that expert (prefix). Needed columns only.
-//   3. place    every rank computes every destination's offsets from hist, so each
-//               sender knows the final row of each token on each destination, and
-//               each destination its rows, weights, row_expert, padding.
-//   4. send     each token row crosses NVLink once per destination, straight into
-//               its first row there (plus FP8 scales); then the destination's data
-//               counter is bumped (release).
-//   5. expand   waits for every sender's rows (acquire) and copies each token to its
-//               other experts' rows on this GPU (the fused permute).
+//   1. publish   every rank sanitizes its routing and writes it, with n and the
+//                weights, into every peer's routing slot; then bumps that peer's
+//                meta counter (release).
+//   2. scan      waits for every peer's routing (acquire); per (source, expert):
+//                rows per source (hist) and each row's rank among its source's rows
+//                of that expert (prefix). Needed columns only.
+//   3. place     every rank computes every destination's offsets from hist, so each
+//                sender knows the final row of each token on each destination, and
+//                each destination its rows, weights, row_expert, padding.
+//   4. transfer  sender warps write each token row over NVLink once per destination,
+//                straight into its first row there (plus FP8 scales), and release the
+//                token's flag there; expander warps on the destination acquire each
+//                token's flag and copy it into its other experts' rows (the fused
+//                permute), overlapping the transfer (dispatch_copy.cu).
 //
-// Counters only grow: a call expects epoch * (blocks per sender), with epoch kept on
-// the device, so CUDA-graph replays need no resets. Routing slots alternate by call
-// parity, and no rank can be two calls ahead of another because each call waits for
-// every peer's routing.
+// Counters and flags only grow: the meta counter expects call * kPublishBlocks and a
+// token's flag the call number, with the call count kept on the device, so CUDA-graph
+// replays need no resets. Routing slots alternate by call parity, and no rank can be
+// two calls ahead of another because each call waits for every peer's routing.
 #pragma once
 
 #include <cstdint>
@@ -39,7 +39,7 @@ struct DispatchParams {
   void* peers[kMaxRanks];      // every rank's workspace as mapped here (peers[rank] == local)
   hep_error_block_t* errors;   // device view of the host-mapped error block
   uint64_t timeout_ns;
-  int32_t send_blocks;         // blocks of the send kernel (fixed: part of the counter contract)
+  int32_t blocks;              // blocks of the transfer kernel (at most one per SM)
 
   // Inputs of this call.
   const void* x;
@@ -53,6 +53,7 @@ struct DispatchParams {
 };
 
 cudaError_t launch_dispatch(const DispatchParams& params, cudaStream_t stream);
+cudaError_t launch_transfer_kernel(const DispatchParams& params, cudaStream_t stream);  // dispatch_copy.cu
 
 // Routing slot of (parity, source) inside a workspace.
 struct RoutingSlotView {

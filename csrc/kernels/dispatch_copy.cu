@@ -1,18 +1,37 @@
-// Dispatch, second half: payload over NVLink and the per-expert copies (kernels 4-5
-// of dispatch.cuh). One warp moves one token row with 16-byte vectors.
+// Dispatch, second half: the payload over NVLink and the per-expert copies, in one
+// kernel (kernel 4 of dispatch.cuh). Each block's warps have one of two roles, so the
+// copies on this GPU overlap the transfer instead of waiting for all of it:
+//
+//   senders    one warp per token of this rank: the row (and FP8 scales) into its first
+//              row on every destination that has one, then a release of that token's
+//              flag on each of those destinations.
+//   expanders  one warp per received (token, source), in token order (the order the
+//              senders go in): acquire the token's flag, then copy the row from its first
+//              row into its other experts' rows here (the fused permute).
+//
+// An expander waits for every token that lands here, even one with a single row, so
+// the call's outputs are complete when the kernel ends.
 #include "common/ptx.cuh"
 #include "common/wait.cuh"
 #include "kernels/dispatch.cuh"
 
+#ifndef HEP_DISPATCH_SEND_WARPS
+#define HEP_DISPATCH_SEND_WARPS 4
+#endif
+
 namespace hep {
 namespace {
 
-constexpr int kCopyThreads = 512;
-constexpr int kCopyWarps = kCopyThreads / 32;
-// 16-byte loads in flight per lane before the first store: 4 keep the NVLink writes of
-// the send kernel at the link rate; the local copies of expand want more (NOTES.md #4).
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+// Warps per block that send; the rest expand. The expand copies are the slower half:
+// 4 senders and 12 expanders measured fastest (NOTES.md #6).
+constexpr int kSendWarps = HEP_DISPATCH_SEND_WARPS;
+static_assert(kSendWarps > 0 && kSendWarps < kWarps, "both roles need warps");
+// 16-byte loads in flight per lane before the first store: 4 keep the NVLink writes at
+// the link rate; the local copies want more (NOTES.md #4).
 constexpr int kSendUnroll = 4;
-constexpr int kExpandUnroll = 8;
+constexpr int kExpandUnroll = 8;  // 16 measured slower (NOTES.md #6)
 
 // Copies `bytes` (a multiple of 16) from src to dst with the calling warp.
 template <bool kSourceReadOnly, int kUnroll>
@@ -36,63 +55,62 @@ __device__ __forceinline__ void warp_copy_words(float* dst, const float* src, in
   for (int64_t i = lane; i < words; i += 32) dst[i] = src[i];
 }
 
-__device__ __forceinline__ uint64_t call_epoch(const DispatchParams& p) {
-  return *at<const uint64_t>(p.local, p.off.epoch) + 1;
-}
-
-// 4. Every (my token, destination) pair with a row there: one NVLink write of the row
-// (and its FP8 scales) into its first row on the destination.
-__global__ void __launch_bounds__(kCopyThreads) send_kernel(const __grid_constant__ DispatchParams p) {
+// Tokens t = warp, warp + warps, ... of this rank: one NVLink write per destination with
+// a row of t, destinations rotated from rank + 1 so the ranks' warps start on
+// different links.
+__device__ void send_tokens(const DispatchParams& p, uint64_t call, int warp, int warps, int lane) {
   const Sizes& s = p.sizes;
-  const int W = s.world;
-  const bool broken = timed_out_before(wait_context(p));
+  const int W = s.world, T = s.max_tokens;
   const int n = *at<const int32_t>(p.local, p.off.src_tokens + 4 * s.rank);
   const int32_t* send_row = at<const int32_t>(p.local, p.off.send_row);
-  const int lane = threadIdx.x % 32;
-
-  for (int64_t item = blockIdx.x * (int64_t)kCopyWarps + threadIdx.x / 32; !broken && item < (int64_t)n * W;
-       item += (int64_t)gridDim.x * kCopyWarps) {
-    const int t = static_cast<int>(item / W), r = static_cast<int>(item % W);
-    const int32_t row = send_row[(int64_t)t * W + r];
-    if (row < 0) continue;
-    char* dst = at<char>(p.peers[r], p.off.hidden) + row * s.row_bytes;
-    warp_copy<true, kSendUnroll>(dst, static_cast<const char*>(p.x) + t * s.row_bytes, s.row_bytes, lane);
-    if (s.scale_cols) {
-      warp_copy_words(at<float>(p.peers[r], p.off.scales) + (int64_t)row * s.scale_cols,
-                      p.scales + (int64_t)t * s.scale_cols, s.scale_cols, lane);
+  for (int t = warp; t < n; t += warps) {
+    const int32_t* rows = send_row + (int64_t)t * W;
+    for (int i = 1; i <= W; ++i) {
+      const int r = (s.rank + i) % W;
+      const int32_t row = rows[r];
+      if (row < 0) continue;
+      warp_copy<true, kSendUnroll>(at<char>(p.peers[r], p.off.hidden) + row * s.row_bytes,
+                                   static_cast<const char*>(p.x) + t * s.row_bytes, s.row_bytes, lane);
+      if (s.scale_cols) {
+        warp_copy_words(at<float>(p.peers[r], p.off.scales) + (int64_t)row * s.scale_cols,
+                        p.scales + (int64_t)t * s.scale_cols, s.scale_cols, lane);
+      }
     }
-  }
-  // Publishes this block's rows to every destination; acquired by expand_kernel there.
-  __syncthreads();
-  if (!broken && threadIdx.x < W) {
-    ptx::fence_acq_rel_sys();
-    ptx::red_add_release_sys(at<uint64_t>(p.peers[threadIdx.x], p.off.data_arrivals) + s.rank, 1);
+    // Lanes 0..W-1 (then 32..63, ...) release t's flag on their destination.
+    for (int base = 0; base < W; base += 32) {
+      const int r = base + lane;
+      const bool signal = r < W && rows[r] >= 0;
+      warp_release_flag(signal, signal ? at<uint64_t>(p.peers[r], p.off.data_flags) + (int64_t)s.rank * T + t : nullptr,
+                        call);
+    }
   }
 }
 
-// 5. Once every sender's rows are here: copy each received token from the row it was
-// written to into its other experts' rows. The last block to finish ends the call.
-__global__ void __launch_bounds__(kCopyThreads) expand_kernel(const __grid_constant__ DispatchParams p) {
+// Items (t, source) in token-major order: once source's token t is here, copy it from
+// its first row into its other rows. Returns false if a wait timed out.
+__device__ bool expand_tokens(const DispatchParams& p, uint64_t call, int warp, int warps, int lane) {
   const Sizes& s = p.sizes;
   const int W = s.world, K = s.top_k, T = s.max_tokens;
-  const uint64_t epoch = call_epoch(p);
-  const bool ok = block_wait_all_peers(at<uint64_t>(p.local, p.off.data_arrivals), W,
-                                       epoch * static_cast<uint64_t>(p.send_blocks), wait_context(p), kPhaseDispatchPayload);
   const int32_t* src_tokens = at<const int32_t>(p.local, p.off.src_tokens);
   const int32_t* first_row = at<const int32_t>(p.local, p.off.first_row);
   const int32_t* row_of = at<const int32_t>(p.local, p.off.row_of);
+  const uint64_t* flags = at<const uint64_t>(p.local, p.off.data_flags);
   char* hidden = at<char>(p.local, p.off.hidden);
   float* scales = at<float>(p.local, p.off.scales);
-  const int lane = threadIdx.x % 32;
+  int max_n = 0;
+  for (int r = 0; r < W; ++r) max_n = max(max_n, src_tokens[r]);
 
-  for (int64_t item = blockIdx.x * (int64_t)kCopyWarps + threadIdx.x / 32; ok && item < (int64_t)W * T;
-       item += (int64_t)gridDim.x * kCopyWarps) {
-    const int source = static_cast<int>(item / T), t = static_cast<int>(item % T);
+  for (int64_t item = warp; item < (int64_t)max_n * W; item += warps) {
+    const int t = static_cast<int>(item / W), source = static_cast<int>(item % W);
     if (t >= src_tokens[source]) continue;
-    const int32_t first = first_row[item];
+    const int64_t token = (int64_t)source * T + t;
+    const int32_t first = first_row[token];
     if (first < 0) continue;
+    if (!warp_acquire_flags(lane == 0, flags + token, call, wait_context(p), kPhaseDispatchPayload, source)) {
+      return false;
+    }
     for (int k = 0; k < K; ++k) {
-      const int32_t row = row_of[item * K + k];
+      const int32_t row = row_of[token * K + k];
       if (row < 0 || row == first) continue;
       warp_copy<false, kExpandUnroll>(hidden + row * s.row_bytes, hidden + first * s.row_bytes, s.row_bytes, lane);
       if (s.scale_cols) {
@@ -100,24 +118,37 @@ __global__ void __launch_bounds__(kCopyThreads) expand_kernel(const __grid_const
       }
     }
   }
+  return true;
+}
 
-  // End of the call: the last block advances the epoch (every block has read it).
+__global__ void __launch_bounds__(kThreads) transfer_kernel(const __grid_constant__ DispatchParams p) {
+  const uint64_t call = *at<const uint64_t>(p.local, p.off.epoch) + 1;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (!timed_out_before(wait_context(p))) {  // else the buffer is dead: touch no peer
+    if (warp < kSendWarps) {
+      send_tokens(p, call, blockIdx.x * kSendWarps + warp, gridDim.x * kSendWarps, lane);
+    } else {
+      constexpr int kExpandWarps = kWarps - kSendWarps;
+      expand_tokens(p, call, blockIdx.x * kExpandWarps + warp - kSendWarps, gridDim.x * kExpandWarps, lane);
+    }
+  }
+
+  // End of the call: the last block advances the call counter (every block has read it).
   __syncthreads();
   if (threadIdx.x == 0) {
     uint32_t* done = at<uint32_t>(p.local, p.off.epoch + 8);
     __threadfence();
     if (atomicAdd(done, 1u) == gridDim.x - 1) {
       *done = 0;
-      *at<uint64_t>(p.local, p.off.epoch) = epoch;
+      *at<uint64_t>(p.local, p.off.epoch) = call;
     }
   }
 }
 
 }  // namespace
 
-cudaError_t launch_copy_kernels(const DispatchParams& p, cudaStream_t stream) {
-  send_kernel<<<p.send_blocks, kCopyThreads, 0, stream>>>(p);
-  expand_kernel<<<p.send_blocks, kCopyThreads, 0, stream>>>(p);
+cudaError_t launch_transfer_kernel(const DispatchParams& p, cudaStream_t stream) {
+  transfer_kernel<<<p.blocks, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -285,8 +285,6 @@ __global__ void __launch_bounds__(kPlaceThreads) place_kernel(const __grid_const
 
 // ---------------------------------------------------------------------------- launch
 
-cudaError_t launch_copy_kernels(const DispatchParams& params, cudaStream_t stream);  // dispatch_copy.cu
-
 cudaError_t launch_dispatch(const DispatchParams& p, cudaStream_t stream) {
   const Sizes& s = p.sizes;
   if (p.idx_is_int64) {
@@ -301,7 +299,7 @@ cudaError_t launch_dispatch(const DispatchParams& p, cudaStream_t stream) {
   place_kernel<<<place_blocks, kPlaceThreads, place_shared, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  return launch_copy_kernels(p, stream);
+  return launch_transfer_kernel(p, stream);
 }
 
 }  // namespace hep
