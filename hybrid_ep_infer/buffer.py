@@ -106,8 +106,9 @@ class EPBuffer:
         capacity: contiguous: total rows; batched: rows per expert. Default: the
             worst case, so nothing can overflow. A smaller one is opt-in: rows past
             it are dropped and counted (see :meth:`check_errors`).
-        num_sms: CUDA backend: blocks (one per SM) of each copy kernel — send, expand,
-            reduce, gather (``None``: 24). The small planning kernels are sized by the work.
+        num_sms: CUDA backend: blocks (one per SM) of each of the two copy kernels —
+            dispatch's transfer and combine (``None``: 24); at most the device's SM
+            count. The small planning kernels are sized by the work.
         timeout_s: bound on every wait for a peer (CUDA backend).
         backend: ``"auto"`` (CUDA where available, else reference), ``"cuda"``,
             or ``"reference"`` (pure torch; may allocate and synchronize).

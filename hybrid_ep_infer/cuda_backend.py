@@ -31,6 +31,10 @@ class CudaBackend:
         self.config = config
         self.device = device
         c = config
+        # The copy kernels' blocks wait on each other, so all must be resident: one per SM.
+        sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+        if num_sms is not None and num_sms > sm_count:
+            raise ValueError(f"num_sms={num_sms} exceeds the {sm_count} SMs of {device}")
         self.desc = _native.BufferDesc(
             size=ctypes.sizeof(_native.BufferDesc), version=_native.API_VERSION, rank=c.rank,
             world_size=c.world_size, hidden=c.hidden, max_tokens=c.max_tokens, num_experts=c.num_experts,
