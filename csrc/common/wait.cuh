@@ -36,12 +36,12 @@ __device__ __forceinline__ WaitContext wait_context(const Params& p) {
 
 __device__ __forceinline__ bool timed_out_before(const WaitContext& w) { return ptx::ld_relaxed_sys(w.broken) != 0; }
 
-// Acquires `counter` >= `expected`: after true, everything the peer released with
-// the counter update is visible to the calling thread (share it with the block by a
-// __syncthreads that follows).
 static __device__ __noinline__ bool spin_until_at_least(const uint64_t* counter, uint64_t expected, const WaitContext& w,
                                                  uint32_t phase, uint32_t peer);
 
+// Acquires `counter` >= `expected`: after true, everything the peer released with
+// the counter update is visible to the calling thread (share it with the block by a
+// __syncthreads that follows).
 __device__ __forceinline__ bool wait_counter_at_least(const uint64_t* counter, uint64_t expected, const WaitContext& w,
                                                       uint32_t phase, uint32_t peer) {
   if (ptx::ld_acquire_sys(counter) >= expected) return true;
@@ -83,7 +83,7 @@ __device__ __forceinline__ bool block_wait_all_peers(const uint64_t* counters, i
   return __syncthreads_and(ok);
 }
 
-// Per-row flags hold the number of the call that last wrote the row (they only grow,
+// Per-token flags hold the number of the call that last wrote the token (they only grow,
 // so replays need no resets). Producer side: after the calling warp's data stores,
 // each lane with `signal` publishes them to the reader of `flag` (__syncwarp makes the
 // other lanes' stores part of what the release covers). Every lane must call it.
