@@ -14,6 +14,8 @@ namespace hep {
 constexpr int kMaxRanks = 64;   // peers a kernel's parameter block can address
 constexpr int kMaxTopK = 32;    // slots per token the kernels keep in registers
 constexpr int kScaleBlock = 128;  // payload elements per FP8 scale
+constexpr int kCopyThreads = 512;  // threads per block of the two copy kernels
+constexpr int kCopyWarps = kCopyThreads / 32;
 
 // The sizes kernels index with, derived once from hep_buffer_desc_t.
 struct Sizes {

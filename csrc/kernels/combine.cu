@@ -13,8 +13,8 @@
 namespace hep {
 namespace {
 
-constexpr int kThreads = 512;
-constexpr int kWarps = kThreads / 32;
+constexpr int kThreads = kCopyThreads;
+constexpr int kWarps = kCopyWarps;
 // Warps per block that reduce; the rest gather. 13 and 3 measured fastest (NOTES.md #6).
 constexpr int kReduceWarps = HEP_COMBINE_REDUCE_WARPS;
 static_assert(kReduceWarps > 0 && kReduceWarps < kWarps, "both roles need warps");

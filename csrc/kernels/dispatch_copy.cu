@@ -22,8 +22,8 @@
 namespace hep {
 namespace {
 
-constexpr int kThreads = 512;
-constexpr int kWarps = kThreads / 32;
+constexpr int kThreads = kCopyThreads;
+constexpr int kWarps = kCopyWarps;
 // Warps per block that send; the rest expand. The expand copies are the slower half:
 // 4 senders and 12 expanders measured fastest (NOTES.md #6).
 constexpr int kSendWarps = HEP_DISPATCH_SEND_WARPS;
