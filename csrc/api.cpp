@@ -216,7 +216,36 @@ hep_status_t hep_context_attach(hep_context_t* context, const hep_buffer_desc_t*
   context->desc = *desc;
   context->sizes = hep::make_sizes(*desc);
   context->offsets = hep::make_offsets(context->sizes);
+  context->tuning = hep::default_tuning();
   context->attached = true;
+  return HEP_SUCCESS;
+}
+
+hep_status_t hep_context_set_tuning(hep_context_t* context, const hep_tuning_t* tuning) {
+  hep::clear_last_error();
+  HEP_REQUIRE(context != nullptr && tuning != nullptr, "hep_context_set_tuning: NULL argument");
+  HEP_REQUIRE(context->attached, "hep_context_set_tuning: no buffer attached to this context");
+  HEP_REQUIRE(tuning->size == sizeof(hep_tuning_t) && tuning->version == HEP_API_VERSION,
+              "hep_context_set_tuning: tuning built for another library version (size %zu, version %u)", tuning->size,
+              tuning->version);
+  const int warps = hep::kCopyWarps, T = context->sizes.max_tokens;
+  HEP_REQUIRE(tuning->dispatch_send_warps >= 1 && tuning->dispatch_send_warps < warps,
+              "dispatch_send_warps %d outside [1, %d]", tuning->dispatch_send_warps, warps - 1);
+  HEP_REQUIRE(tuning->combine_reduce_warps >= 1 && tuning->combine_reduce_warps < warps,
+              "combine_reduce_warps %d outside [1, %d]", tuning->combine_reduce_warps, warps - 1);
+  HEP_REQUIRE(tuning->dispatch_chunk_tokens >= 1 && tuning->dispatch_chunk_tokens <= T,
+              "dispatch_chunk_tokens %d outside [1, max_tokens = %d]", tuning->dispatch_chunk_tokens, T);
+  HEP_REQUIRE(tuning->combine_chunk_tokens >= 1 && tuning->combine_chunk_tokens <= T,
+              "combine_chunk_tokens %d outside [1, max_tokens = %d]", tuning->combine_chunk_tokens, T);
+  context->tuning = *tuning;
+  return HEP_SUCCESS;
+}
+
+hep_status_t hep_context_get_tuning(hep_context_t* context, hep_tuning_t* out) {
+  hep::clear_last_error();
+  HEP_REQUIRE(context != nullptr && out != nullptr, "hep_context_get_tuning: NULL argument");
+  HEP_REQUIRE(context->attached, "hep_context_get_tuning: no buffer attached to this context");
+  *out = context->tuning;
   return HEP_SUCCESS;
 }
 
@@ -238,6 +267,8 @@ hep_status_t hep_dispatch(hep_context_t* context, const hep_dispatch_args_t* arg
 
   hep::DispatchParams p{};
   hep::fill_buffer_params(*context, p);
+  p.send_warps = context->tuning.dispatch_send_warps;
+  p.chunk_tokens = context->tuning.dispatch_chunk_tokens;
   p.x = args->x;
   p.scales = args->scales;
   p.topk_idx = args->topk_idx;
@@ -266,6 +297,8 @@ hep_status_t hep_combine(hep_context_t* context, const hep_combine_args_t* args,
 
   hep::CombineParams p{};
   hep::fill_buffer_params(*context, p);
+  p.reduce_warps = context->tuning.combine_reduce_warps;
+  p.chunk_tokens = context->tuning.combine_chunk_tokens;
   p.y = args->y;
   p.out = args->out;
   p.num_rows = args->num_rows;

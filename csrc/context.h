@@ -17,4 +17,5 @@ struct hep_context {
   hep::Sizes sizes{};
   hep::WorkspaceOffsets offsets{};
   void* workspaces[hep::kMaxRanks] = {};
+  hep_tuning_t tuning{};  // set to the defaults by attach
 };

@@ -17,6 +17,19 @@ constexpr int kScaleBlock = 128;  // payload elements per FP8 scale
 constexpr int kCopyThreads = 512;  // threads per block of the two copy kernels
 constexpr int kCopyWarps = kCopyThreads / 32;
 
+// Measured best for the prefill shape on 4 GPUs (benchmarks/NOTES.md #6); the Python
+// package's tuner replaces them per shape.
+inline hep_tuning_t default_tuning() {
+  hep_tuning_t t{};
+  t.size = sizeof(hep_tuning_t);
+  t.version = HEP_API_VERSION;
+  t.dispatch_send_warps = 4;
+  t.dispatch_chunk_tokens = 1;
+  t.combine_reduce_warps = 13;
+  t.combine_chunk_tokens = 1;
+  return t;
+}
+
 // The sizes kernels index with, derived once from hep_buffer_desc_t.
 struct Sizes {
   int32_t rank, world, hidden, max_tokens, num_experts, top_k, local_experts;
@@ -36,9 +49,10 @@ struct Sizes {
 struct WorkspaceOffsets {
   // peer: monotonic arrival counter of each source's routing, [W] uint64.
   int64_t meta_arrivals;
-  // peer: per-row flags, uint64, each the number of the call that last wrote the row:
-  // data_flags [W (source)][T]: dispatch call that wrote source's token t here;
-  // combine_flags [W (destination)][T]: combine that wrote destination's partial of t here.
+  // peer: per-chunk flags, uint64, each the number of the call that last wrote the chunk
+  // (chunk c = tokens [c*C, (c+1)*C), C from the tuning; at most T chunks):
+  // data_flags [W (source)][T]: dispatch call that wrote source's chunk c here;
+  // combine_flags [W (destination)][T]: combine that wrote destination's partials of chunk c here.
   int64_t data_flags, combine_flags;
   // peer: [W] uint64, the last combine each peer has finished (its reads of its partials done).
   int64_t combine_done;

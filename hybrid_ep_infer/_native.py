@@ -23,7 +23,7 @@ import torch
 from .errors import ERROR_BLOCK_WORDS, ErrorKind, ErrorSnapshot, HybridEPError
 
 LIBRARY_NAME = "libhybrid_ep_infer.so"
-API_VERSION = 2  # HEP_API_VERSION in the C header
+API_VERSION = 3  # HEP_API_VERSION in the C header
 
 HEP_SUCCESS = 0
 HEP_INDEX_INT32 = 0
@@ -93,6 +93,19 @@ class DispatchArgs(ctypes.Structure):
     ]
 
 
+class Tuning(ctypes.Structure):
+    """hep_tuning_t: how the copy kernels divide their work (never changes results)."""
+
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("version", ctypes.c_uint32),
+        ("dispatch_send_warps", ctypes.c_int32),
+        ("dispatch_chunk_tokens", ctypes.c_int32),
+        ("combine_reduce_warps", ctypes.c_int32),
+        ("combine_chunk_tokens", ctypes.c_int32),
+    ]
+
+
 class CombineArgs(ctypes.Structure):
     _fields_ = [("y", ctypes.c_void_p), ("out", ctypes.c_void_p), ("num_rows", ctypes.c_int32),
                 ("weighted", ctypes.c_int32)]
@@ -112,6 +125,8 @@ _SIGNATURES = {
     "hep_context_attach": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(BufferDesc), ctypes.POINTER(ctypes.c_void_p)]),
     "hep_dispatch": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(DispatchArgs), ctypes.c_uint64]),
     "hep_combine": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(CombineArgs), ctypes.c_uint64]),
+    "hep_context_set_tuning": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(Tuning)]),
+    "hep_context_get_tuning": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(Tuning)]),
 }
 
 
@@ -271,6 +286,21 @@ class NativeContext:
         args = CombineArgs(y=y.data_ptr(), out=out.data_ptr(), num_rows=num_rows, weighted=int(weighted))
         stream = torch.cuda.current_stream(self.device).cuda_stream
         self.lib.check(self.lib.hep_combine(self._live_handle(), ctypes.byref(args), stream), "hep_combine")
+
+    def get_tuning(self) -> dict[str, int]:
+        tuning = Tuning()
+        self.lib.check(self.lib.hep_context_get_tuning(self._live_handle(), ctypes.byref(tuning)), "reading the tuning")
+        return {name: getattr(tuning, name) for name, _ in Tuning._fields_[2:]}
+
+    def set_tuning(self, **fields: int) -> None:
+        """Changes the named fields of the tuning (the others keep their values)."""
+        tuning = Tuning()
+        self.lib.check(self.lib.hep_context_get_tuning(self._live_handle(), ctypes.byref(tuning)), "reading the tuning")
+        for name, value in fields.items():
+            if name not in dict(Tuning._fields_[2:]):
+                raise ValueError(f"unknown tuning field {name!r}")
+            setattr(tuning, name, value)
+        self.lib.check(self.lib.hep_context_set_tuning(self._live_handle(), ctypes.byref(tuning)), "setting the tuning")
 
     def peek_timeout(self) -> ErrorSnapshot | None:
         """The error block if a wait has timed out (read without clearing), else None."""

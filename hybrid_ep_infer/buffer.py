@@ -110,6 +110,10 @@ class EPBuffer:
             dispatch's transfer and combine (``None``: 24); at most the device's SM
             count. The small planning kernels are sized by the work.
         timeout_s: bound on every wait for a peer (CUDA backend).
+        tune: CUDA backend: time a few splits of the copy kernels' warps and chunk sizes
+            on synthetic routing of this shape at construction and keep the fastest
+            (collective; cached per shape in this process; never changes results).
+            Every rank must pass the same value. ``False``: the built-in defaults.
         backend: ``"auto"`` (CUDA where available, else reference), ``"cuda"``,
             or ``"reference"`` (pure torch; may allocate and synchronize).
         device: where outputs live. Default: the current CUDA device for the CUDA
@@ -131,6 +135,7 @@ class EPBuffer:
         capacity: int | None = None,
         num_sms: int | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        tune: bool = True,
         backend: str = "auto",
         device: torch.device | str | None = None,
         debug: bool = False,
@@ -162,7 +167,7 @@ class EPBuffer:
                 raise RuntimeError(f"backend='cuda' is not available: {reason}. Use backend='reference'.")
         self.device = _resolve_device(device, backend, group)
         if backend == "cuda":
-            self._backend = CudaBackend(self.config, group, self.device, num_sms, self.timeout_s)
+            self._backend = CudaBackend(self.config, group, self.device, num_sms, self.timeout_s, tune=bool(tune))
         else:
             self._backend = ReferenceBackend(self.config, group, self.device)
         self._id = next(_buffer_ids)

@@ -11,7 +11,7 @@ import ctypes
 
 import torch
 
-from . import _native
+from . import _native, tuning
 from .config import CONTIGUOUS, BufferConfig
 from .errors import ErrorSnapshot
 from .peer_memory import PeerWorkspace
@@ -25,7 +25,8 @@ PHASE_NAMES = {1: "dispatch (routing exchange)", 2: "dispatch (token rows)", 3: 
 class CudaBackend:
     name = "cuda"
 
-    def __init__(self, config: BufferConfig, group, device: torch.device, num_sms: int | None, timeout_s: float):
+    def __init__(self, config: BufferConfig, group, device: torch.device, num_sms: int | None, timeout_s: float,
+                 tune: bool = True):
         if device.type != "cuda":
             raise ValueError(f"the CUDA backend needs a CUDA device, got {device}")
         self.config = config
@@ -48,10 +49,14 @@ class CudaBackend:
         try:
             self.workspace = PeerWorkspace(device, self.layout.total_bytes, group, c.rank, c.world_size)
             self.context.attach(self.desc, self.workspace.pointers)
+            self._make_views()
+            self.tuning = tuning.tune(self, group, self.desc.num_sms) if tune else self.context.get_tuning()
         except BaseException:
             self.close()
             raise
 
+    def _make_views(self) -> None:
+        c = self.config
         rows, L, H = c.row_shape, c.num_local_experts, c.hidden
         self.hidden = self._view(self.layout.hidden, c.dtype, (*rows, H))
         self.scales = self._view(self.layout.scales, torch.float32, (*rows, c.num_scale_blocks)) if c.is_fp8 else None

@@ -11,6 +11,8 @@ from moe_cases import Case, RankInputs
 
 def make_buffer(case: Case, backend: str, **kw) -> EPBuffer:
     kw.setdefault("timeout_s", 20.0)  # a bug that strands a wait fails in seconds, not minutes
+    if backend == "cuda":
+        kw.setdefault("tune", False)  # the built-in defaults; tests that tune say so
     return EPBuffer(hidden=case.hidden, max_tokens=case.max_tokens, num_experts=case.num_experts,
                     top_k=case.top_k, dtype=case.dtype, layout=case.layout, pad_multiple=case.pad_multiple,
                     capacity=case.capacity, backend=backend, **kw)

@@ -13,15 +13,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from hybrid_ep_infer._native import NativeError
+
 from dist_utils import spawn
 from gpu_helpers import assert_dispatch_equal, assert_same_errors, dispatch, make_buffer, max_over_ranks, to_device
 from moe_cases import Case, bits_equal, experts_on_dispatch_output, make_inputs
 
 
-def check_round_trip(rank: int, case: Case, num_tokens: str = "int") -> None:
+def check_round_trip(rank: int, case: Case, num_tokens: str = "int", tuning: dict | None = None) -> None:
     device = torch.device("cuda", rank)
     inp = to_device(make_inputs(case)[rank], device)
     with make_buffer(case, "cuda") as cud, make_buffer(case, "reference", device=device) as ref:
+        if tuning is not None:
+            cud._backend.context.set_tuning(**tuning)
         for attempt in range(2):
             got = dispatch(cud, inp, num_tokens)
             want = dispatch(ref, inp, "int")
@@ -61,6 +65,45 @@ def check_combines_with_a_rank_running_ahead(rank: int, world_size: int) -> None
         for i, y in enumerate(ys):
             assert bits_equal(got_outs[i], ref.combine(y, want.handle)), f"rank {rank} combine {i}"
         assert_same_errors(cud, ref, f"rank {rank} running ahead")
+
+
+# Splits and chunk sizes far from the defaults: chunks that do not divide n, a chunk as
+# large as max_tokens, one warp in a role.
+TUNINGS = (
+    dict(dispatch_send_warps=2, dispatch_chunk_tokens=1, combine_reduce_warps=8, combine_chunk_tokens=1),
+    dict(dispatch_send_warps=12, dispatch_chunk_tokens=16, combine_reduce_warps=14, combine_chunk_tokens=7),
+    dict(dispatch_send_warps=1, dispatch_chunk_tokens=3, combine_reduce_warps=15, combine_chunk_tokens=5),
+    dict(dispatch_send_warps=15, dispatch_chunk_tokens=128, combine_reduce_warps=1, combine_chunk_tokens=128),
+)
+
+
+def check_tunings(rank: int, world_size: int) -> None:
+    """Results do not depend on the tuning (SPEC section 1)."""
+    base = Case(world_size=world_size, hidden=2048, max_tokens=128, num_experts=8 * world_size, top_k=8)
+    for i, tuning in enumerate(TUNINGS):
+        case = dataclasses.replace(base, routing=("ragged", "empty_rank", "skewed", "random")[i], seed=60 + i,
+                                   layout=("contiguous", "batched")[i % 2])
+        check_round_trip(rank, case, ("int", "device")[i % 2], tuning=tuning)
+
+
+def check_tuner(rank: int, world_size: int) -> None:
+    """The construction-time tuner picks one of its candidates, the same on every rank."""
+    from hybrid_ep_infer import tuning as tuner
+
+    case = Case(world_size=world_size, hidden=1024, max_tokens=256, num_experts=4 * world_size, top_k=4, seed=70)
+    with make_buffer(case, "cuda", tune=True) as cud:
+        chosen = cud._backend.tuning
+        for bad in (dict(dispatch_send_warps=16), dict(combine_reduce_warps=0), dict(dispatch_chunk_tokens=257),
+                    dict(combine_chunk_tokens=0)):
+            with pytest.raises(NativeError, match=next(iter(bad))):
+                cud._backend.context.set_tuning(**bad)
+        assert cud._backend.context.get_tuning() == chosen
+    assert (chosen["dispatch_send_warps"], chosen["dispatch_chunk_tokens"]) in tuner.DISPATCH_CANDIDATES, chosen
+    assert (chosen["combine_reduce_warps"], chosen["combine_chunk_tokens"]) in tuner.COMBINE_CANDIDATES, chosen
+    everyone = [None] * world_size
+    dist.all_gather_object(everyone, chosen)
+    assert all(t == chosen for t in everyone), everyone
+    check_round_trip(rank, case, tuning=chosen)
 
 
 def combine_cases(world_size: int, full: bool) -> list[Case]:
@@ -311,6 +354,8 @@ def smoke_worker(rank: int, world_size: int) -> None:
     for i, case in enumerate(combine_cases(world_size, full=False)):
         check_round_trip(rank, case, ("int", "device", "default")[i % 3])
     check_combines_with_a_rank_running_ahead(rank, world_size)
+    check_tunings(rank, world_size)
+    check_tuner(rank, world_size)
     run_graph_round_trip(rank, world_size, replays=100)
     run_moe_layer(rank, world_size, replays=100)
 

@@ -6,18 +6,11 @@
 #include "common/wait.cuh"
 #include "kernels/combine.cuh"
 
-#ifndef HEP_COMBINE_REDUCE_WARPS
-#define HEP_COMBINE_REDUCE_WARPS 13
-#endif
-
 namespace hep {
 namespace {
 
 constexpr int kThreads = kCopyThreads;
 constexpr int kWarps = kCopyWarps;
-// Warps per block that reduce; the rest gather. 13 and 3 measured fastest (NOTES.md #6).
-constexpr int kReduceWarps = HEP_COMBINE_REDUCE_WARPS;
-static_assert(kReduceWarps > 0 && kReduceWarps < kWarps, "both roles need warps");
 // A lane sums kVectors 16-byte columns at once (v, v+32, ...), loading kTermsInFlight
 // terms (rows or partials) of each before the first add: 16 loads in flight per lane.
 // The kernels are bound by memory latency, not bandwidth, at 24 SMs (NOTES.md #4).
@@ -107,12 +100,12 @@ __device__ __forceinline__ uint64_t current_combine(const CombineParams& p) {
   return *at<const uint64_t>(p.local, p.off.combine_epoch) + 1;
 }
 
-// Reduce role. Items (t, source) in token-major order, sources rotated from rank + 1:
-// per received token, the bf16 partial written into the source's partials, then the
-// release of its flag there.
+// Reduce role. Items (chunk c, source) in chunk-major order, sources rotated from
+// rank + 1: per received token of the chunk, the bf16 partial written into the source's
+// partials; then one release of the chunk's flag there if any token of it had rows here.
 __device__ void reduce_tokens(const CombineParams& p, uint64_t combine, int warp, int warps, int lane) {
   const Sizes& s = p.sizes;
-  const int W = s.world, K = s.top_k, T = s.max_tokens;
+  const int W = s.world, K = s.top_k, T = s.max_tokens, C = p.chunk_tokens;
   const int parity = static_cast<int>(combine & 1);
   const int32_t* src_tokens = at<const int32_t>(p.local, p.off.src_tokens);
   const int32_t* first_row = at<const int32_t>(p.local, p.off.first_row);
@@ -125,30 +118,38 @@ __device__ void reduce_tokens(const CombineParams& p, uint64_t combine, int warp
   float* row_weights = warp_weights[threadIdx.x / 32];
   int max_n = 0;
   for (int r = 0; r < W; ++r) max_n = max(max_n, src_tokens[r]);
+  const int chunks = (max_n + C - 1) / C;
 
-  for (int64_t item = warp; item < (int64_t)max_n * W; item += warps) {
-    const int t = static_cast<int>(item / W), source = (s.rank + 1 + static_cast<int>(item % W)) % W;
-    const int64_t token = (int64_t)source * T + t;
-    if (t >= src_tokens[source] || first_row[token] < 0) continue;
-    // The token's rows here and their weights, ascending k, shared by the warp's lanes.
-    __syncwarp();
-    const int32_t row = lane < K ? row_of[token * K + lane] : -1;
-    const uint32_t valid = __ballot_sync(0xffffffffu, row >= 0);
-    if (row >= 0) {
-      const int j = __popc(valid & ((1u << lane) - 1));
-      rows[j] = static_cast<const int4*>(p.y) + (int64_t)row * vectors;
-      row_weights[j] = weights[row];
+  for (int64_t item = warp; item < (int64_t)chunks * W; item += warps) {
+    const int c = static_cast<int>(item / W), source = (s.rank + 1 + static_cast<int>(item % W)) % W;
+    const int end = min(src_tokens[source], (c + 1) * C);
+    bool wrote = false;
+    for (int t = c * C; t < end; ++t) {
+      const int64_t token = (int64_t)source * T + t;
+      if (first_row[token] < 0) continue;
+      wrote = true;
+      // The token's rows here and their weights, ascending k, shared by the warp's lanes.
+      __syncwarp();
+      const int32_t row = lane < K ? row_of[token * K + lane] : -1;
+      const uint32_t valid = __ballot_sync(0xffffffffu, row >= 0);
+      if (row >= 0) {
+        const int j = __popc(valid & ((1u << lane) - 1));
+        rows[j] = static_cast<const int4*>(p.y) + (int64_t)row * vectors;
+        row_weights[j] = weights[row];
+      }
+      __syncwarp();
+      int4* dst = reinterpret_cast<int4*>(partials(p.peers[source], s, p.off, parity, s.rank, t));
+      sum_rows<true>(dst, rows, row_weights, __popc(valid), p.weighted, vectors, lane);
     }
-    __syncwarp();
-    int4* dst = reinterpret_cast<int4*>(partials(p.peers[source], s, p.off, parity, s.rank, t));
-    sum_rows<true>(dst, rows, row_weights, __popc(valid), p.weighted, vectors, lane);
-    warp_release_flag(lane == 0, at<uint64_t>(p.peers[source], p.off.combine_flags) + (int64_t)s.rank * T + t,
-                      combine);
+    if (wrote) {  // the same in every lane
+      warp_release_flag(lane == 0, at<uint64_t>(p.peers[source], p.off.combine_flags) + (int64_t)s.rank * T + c,
+                        combine);
+    }
   }
 }
 
-// Gather role. Tokens t = warp, warp + warps, ... of this rank: once the partial of every
-// destination with rows of t is here, their sum in ascending destination rank (ranks
+// Gather role. Tokens t = warp, warp + warps, ... of this rank: once the chunk of t from
+// every destination with rows of t is here, their sum in ascending destination rank (ranks
 // without rows of t wrote none: skipping them equals adding +0.0). Returns false if a
 // wait timed out.
 __device__ bool gather_tokens(const CombineParams& p, uint64_t combine, int warp, int warps, int lane) {
@@ -168,7 +169,8 @@ __device__ bool gather_tokens(const CombineParams& p, uint64_t combine, int warp
     for (int base = 0; base < W; base += 32) {
       const int r = base + lane;
       const bool has_rows = t < n && r < W && send_row[(int64_t)t * W + r] >= 0;
-      if (!warp_acquire_flags(has_rows, flags + (int64_t)r * T + t, combine, wait_context(p), kPhaseCombinePartials, r)) {
+      const uint64_t* flag = flags + (int64_t)r * T + t / p.chunk_tokens;
+      if (!warp_acquire_flags(has_rows, flag, combine, wait_context(p), kPhaseCombinePartials, r)) {
         return false;
       }
       const uint32_t holders = __ballot_sync(0xffffffffu, has_rows);
@@ -195,11 +197,11 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const __grid_constant
   bool ok = block_wait_all_peers(at<uint64_t>(p.local, p.off.combine_done), W, combine >= 2 ? combine - 2 : 0,
                                  wait_context(p), kPhaseCombinePartials);
   if (ok) {
-    if (warp < kReduceWarps) {
-      reduce_tokens(p, combine, blockIdx.x * kReduceWarps + warp, gridDim.x * kReduceWarps, lane);
+    const int reduce_warps = p.reduce_warps, gather_warps = kWarps - reduce_warps;
+    if (warp < reduce_warps) {
+      reduce_tokens(p, combine, blockIdx.x * reduce_warps + warp, gridDim.x * reduce_warps, lane);
     } else {
-      constexpr int kGatherWarps = kWarps - kReduceWarps;
-      ok = gather_tokens(p, combine, blockIdx.x * kGatherWarps + warp - kReduceWarps, gridDim.x * kGatherWarps, lane);
+      ok = gather_tokens(p, combine, blockIdx.x * gather_warps + warp - reduce_warps, gridDim.x * gather_warps, lane);
     }
   }
 

@@ -2,10 +2,10 @@
 //
 //   reduce   on each destination, per received token: the fp32 sum over ascending k
 //            of fp32(w * y) (or fp32(y)), separate multiply and add, rounded once to
-//            bf16, written over NVLink into the source's partials; then the release
-//            of that token's flag on the source.
-//   gather   on each source, per token: once the flag of every destination with rows
-//            of it is acquired, the fp32 sum of its bf16 partials in ascending
+//            bf16, written over NVLink into the source's partials; then, per chunk of
+//            tokens, the release of that chunk's flag on the source.
+//   gather   on each source, per token: once the chunk flag of every destination with
+//            rows of it is acquired, the fp32 sum of its bf16 partials in ascending
 //            destination rank, rounded once; +0.0 for rows >= n and tokens with no rows.
 //
 // Rows come from the plan of the matching dispatch (row_of, first_row, send_row). A
@@ -33,6 +33,8 @@ struct CombineParams {
   hep_error_block_t* errors;
   uint64_t timeout_ns;
   int32_t blocks;       // blocks of the combine kernel (at most one per SM)
+  int32_t reduce_warps; // warps per block that reduce (the rest gather), from the tuning
+  int32_t chunk_tokens; // consecutive tokens per reducer flag release, from the tuning
 
   const void* y;        // expert outputs in the dispatch layout, bf16 [slots, H]
   void* out;            // [num_rows, H] bf16

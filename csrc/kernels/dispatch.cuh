@@ -10,13 +10,13 @@
 //                sender knows the final row of each token on each destination, and
 //                each destination its rows, weights, row_expert, padding.
 //   4. transfer  sender warps write each token row over NVLink once per destination,
-//                straight into its first row there (plus FP8 scales), and release the
-//                token's flag there; expander warps on the destination acquire each
-//                token's flag and copy it into its other experts' rows (the fused
-//                permute), overlapping the transfer (dispatch_copy.cu).
+//                straight into its first row there (plus FP8 scales), and release a
+//                flag per chunk of tokens there; expander warps on the destination
+//                acquire each token's chunk flag and copy it into its other experts'
+//                rows (the fused permute), overlapping the transfer (dispatch_copy.cu).
 //
 // Counters and flags only grow: the meta counter expects call * kPublishBlocks and a
-// token's flag the call number, with the call count kept on the device, so CUDA-graph
+// chunk's flag the call number, with the call count kept on the device, so CUDA-graph
 // replays need no resets. Routing slots alternate by call parity, and no rank can be
 // two calls ahead of another because each call waits for every peer's routing.
 #pragma once
@@ -40,6 +40,8 @@ struct DispatchParams {
   hep_error_block_t* errors;   // device view of the host-mapped error block
   uint64_t timeout_ns;
   int32_t blocks;              // blocks of the transfer kernel (at most one per SM)
+  int32_t send_warps;          // warps per block that send (the rest expand), from the tuning
+  int32_t chunk_tokens;        // consecutive tokens per sender flag release, from the tuning
 
   // Inputs of this call.
   const void* x;

@@ -2,12 +2,15 @@
 // kernel (kernel 4 of dispatch.cuh). Each block's warps have one of two roles, so the
 // copies on this GPU overlap the transfer instead of waiting for all of it:
 //
-//   senders    one warp per token of this rank: the row (and FP8 scales) into its first
-//              row on every destination that has one, then a release of that token's
-//              flag on each of those destinations.
+//   senders    one warp per chunk of C consecutive tokens of this rank: each row (and FP8
+//              scales) into its first row on every destination that has one, then one
+//              release of the chunk's flag on each destination that got a row of it
+//              (a release waits for the warp's NVLink writes, so fewer is cheaper).
 //   expanders  one warp per received (token, source), in token order (the order the
-//              senders go in): acquire the token's flag, then copy the row from its first
-//              row into its other experts' rows here (the fused permute).
+//              senders go in): acquire the token's chunk flag, then copy the row from its
+//              first row into its other experts' rows here (the fused permute).
+//
+// The split of warps between roles and C come from the tuning (hep_tuning_t).
 //
 // An expander waits for every token that lands here, even one with a single row, so
 // the call's outputs are complete when the kernel ends.
@@ -15,19 +18,11 @@
 #include "common/wait.cuh"
 #include "kernels/dispatch.cuh"
 
-#ifndef HEP_DISPATCH_SEND_WARPS
-#define HEP_DISPATCH_SEND_WARPS 4
-#endif
-
 namespace hep {
 namespace {
 
 constexpr int kThreads = kCopyThreads;
 constexpr int kWarps = kCopyWarps;
-// Warps per block that send; the rest expand. The expand copies are the slower half:
-// 4 senders and 12 expanders measured fastest (NOTES.md #6).
-constexpr int kSendWarps = HEP_DISPATCH_SEND_WARPS;
-static_assert(kSendWarps > 0 && kSendWarps < kWarps, "both roles need warps");
 // 16-byte loads in flight per lane before the first store: 4 keep the NVLink writes at
 // the link rate; the local copies want more (NOTES.md #4).
 constexpr int kSendUnroll = 4;
@@ -55,39 +50,44 @@ __device__ __forceinline__ void warp_copy_words(float* dst, const float* src, in
   for (int64_t i = lane; i < words; i += 32) dst[i] = src[i];
 }
 
-// Tokens t = warp, warp + warps, ... of this rank: one NVLink write per destination with
-// a row of t, destinations rotated from rank + 1 so the ranks' warps start on
-// different links.
+// Chunks c = warp, warp + warps, ... of this rank's tokens: one NVLink write per token
+// and destination with a row of it, destinations rotated from rank + 1 so the ranks'
+// warps start on different links; then one release per destination that got a row.
 __device__ void send_tokens(const DispatchParams& p, uint64_t call, int warp, int warps, int lane) {
   const Sizes& s = p.sizes;
-  const int W = s.world, T = s.max_tokens;
+  const int W = s.world, T = s.max_tokens, C = p.chunk_tokens;
   const int n = *at<const int32_t>(p.local, p.off.src_tokens + 4 * s.rank);
   const int32_t* send_row = at<const int32_t>(p.local, p.off.send_row);
-  for (int t = warp; t < n; t += warps) {
-    const int32_t* rows = send_row + (int64_t)t * W;
-    for (int i = 1; i <= W; ++i) {
-      const int r = (s.rank + i) % W;
-      const int32_t row = rows[r];
-      if (row < 0) continue;
-      warp_copy<true, kSendUnroll>(at<char>(p.peers[r], p.off.hidden) + row * s.row_bytes,
-                                   static_cast<const char*>(p.x) + t * s.row_bytes, s.row_bytes, lane);
-      if (s.scale_cols) {
-        warp_copy_words(at<float>(p.peers[r], p.off.scales) + (int64_t)row * s.scale_cols,
-                        p.scales + (int64_t)t * s.scale_cols, s.scale_cols, lane);
+  const int chunks = (n + C - 1) / C;
+  for (int c = warp; c < chunks; c += warps) {
+    uint64_t got_rows = 0;  // bit r: destination r got a row of this chunk (same in every lane)
+    for (int t = c * C; t < min(n, (c + 1) * C); ++t) {
+      const int32_t* rows = send_row + (int64_t)t * W;
+      for (int i = 1; i <= W; ++i) {
+        const int r = (s.rank + i) % W;
+        const int32_t row = rows[r];
+        if (row < 0) continue;
+        got_rows |= 1ull << r;
+        warp_copy<true, kSendUnroll>(at<char>(p.peers[r], p.off.hidden) + row * s.row_bytes,
+                                     static_cast<const char*>(p.x) + t * s.row_bytes, s.row_bytes, lane);
+        if (s.scale_cols) {
+          warp_copy_words(at<float>(p.peers[r], p.off.scales) + (int64_t)row * s.scale_cols,
+                          p.scales + (int64_t)t * s.scale_cols, s.scale_cols, lane);
+        }
       }
     }
-    // Lanes 0..W-1 (then 32..63, ...) release t's flag on their destination.
+    // Lanes 0..W-1 (then 32..63, ...) release the chunk's flag on their destination.
     for (int base = 0; base < W; base += 32) {
       const int r = base + lane;
-      const bool signal = r < W && rows[r] >= 0;
-      warp_release_flag(signal, signal ? at<uint64_t>(p.peers[r], p.off.data_flags) + (int64_t)s.rank * T + t : nullptr,
+      const bool signal = r < W && ((got_rows >> r) & 1);
+      warp_release_flag(signal, signal ? at<uint64_t>(p.peers[r], p.off.data_flags) + (int64_t)s.rank * T + c : nullptr,
                         call);
     }
   }
 }
 
-// Items (t, source) in token-major order: once source's token t is here, copy it from
-// its first row into its other rows. Returns false if a wait timed out.
+// Items (t, source) in token-major order: once source's chunk of token t is here, copy
+// t from its first row into its other rows. Returns false if a wait timed out.
 __device__ bool expand_tokens(const DispatchParams& p, uint64_t call, int warp, int warps, int lane) {
   const Sizes& s = p.sizes;
   const int W = s.world, K = s.top_k, T = s.max_tokens;
@@ -106,7 +106,8 @@ __device__ bool expand_tokens(const DispatchParams& p, uint64_t call, int warp, 
     const int64_t token = (int64_t)source * T + t;
     const int32_t first = first_row[token];
     if (first < 0) continue;
-    if (!warp_acquire_flags(lane == 0, flags + token, call, wait_context(p), kPhaseDispatchPayload, source)) {
+    const uint64_t* flag = flags + (int64_t)source * T + t / p.chunk_tokens;
+    if (!warp_acquire_flags(lane == 0, flag, call, wait_context(p), kPhaseDispatchPayload, source)) {
       return false;
     }
     for (int k = 0; k < K; ++k) {
@@ -125,11 +126,11 @@ __global__ void __launch_bounds__(kThreads) transfer_kernel(const __grid_constan
   const uint64_t call = *at<const uint64_t>(p.local, p.off.epoch) + 1;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (!timed_out_before(wait_context(p))) {  // else the buffer is dead: touch no peer
-    if (warp < kSendWarps) {
-      send_tokens(p, call, blockIdx.x * kSendWarps + warp, gridDim.x * kSendWarps, lane);
+    const int send_warps = p.send_warps, expand_warps = kWarps - send_warps;
+    if (warp < send_warps) {
+      send_tokens(p, call, blockIdx.x * send_warps + warp, gridDim.x * send_warps, lane);
     } else {
-      constexpr int kExpandWarps = kWarps - kSendWarps;
-      expand_tokens(p, call, blockIdx.x * kExpandWarps + warp - kSendWarps, gridDim.x * kExpandWarps, lane);
+      expand_tokens(p, call, blockIdx.x * expand_warps + warp - send_warps, gridDim.x * expand_warps, lane);
     }
   }
 

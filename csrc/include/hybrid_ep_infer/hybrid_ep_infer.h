@@ -29,7 +29,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct or signature below changes; Python checks it at load. */
-#define HEP_API_VERSION 2
+#define HEP_API_VERSION 3
 
 typedef enum hep_status {
   HEP_SUCCESS = 0,
@@ -124,6 +124,20 @@ typedef struct hep_combine_args {
   int32_t weighted;  /* multiply each row by its dispatched weight */
 } hep_combine_args_t;
 
+/* How the two copy kernels divide their work. Never changes results, but the chunk
+ * sizes must be the same on every rank: set it on every rank to the same values,
+ * between calls (the Python package's construction-time tuner does; rank 0 decides).
+ * hep_context_attach sets the defaults. Calls already captured in a CUDA graph keep
+ * the tuning they were captured with. */
+typedef struct hep_tuning {
+  size_t size;                   /* sizeof(hep_tuning_t) */
+  uint32_t version;              /* HEP_API_VERSION */
+  int32_t dispatch_send_warps;   /* of the 16 warps of a block, 1..15; the rest expand */
+  int32_t dispatch_chunk_tokens; /* consecutive tokens a sender warp moves per flag release, >= 1 */
+  int32_t combine_reduce_warps;  /* of 16, 1..15; the rest gather */
+  int32_t combine_chunk_tokens;  /* consecutive tokens a reducer warp sums per flag release, >= 1 */
+} hep_tuning_t;
+
 HEP_API int hep_api_version(void);
 HEP_API const char* hep_version_string(void);
 HEP_API const char* hep_status_string(hep_status_t status);
@@ -149,6 +163,10 @@ HEP_API hep_status_t hep_workspace_layout(const hep_buffer_desc_t* desc, hep_wor
  * context keeps the pointers; the caller keeps the memory alive until destroy. */
 HEP_API hep_status_t hep_context_attach(hep_context_t* context, const hep_buffer_desc_t* desc,
                                         void* const* workspaces);
+
+/* Sets or reads the attached buffer's tuning (see hep_tuning_t). */
+HEP_API hep_status_t hep_context_set_tuning(hep_context_t* context, const hep_tuning_t* tuning);
+HEP_API hep_status_t hep_context_get_tuning(hep_context_t* context, hep_tuning_t* out);
 
 /* SPEC sections 2-3 on the device: routing exchange, placement, payload transfer and
  * the per-expert copies, all asynchronous on `stream`; no host sync, no allocation. A

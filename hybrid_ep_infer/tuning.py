@@ -1,0 +1,127 @@
+"""Construction-time tuning of the CUDA backend's two copy kernels.
+
+How many warps of a block send or expand (dispatch) and reduce or gather (combine), and
+how many consecutive tokens share one arrival flag, change speed but never results
+(benchmarks/NOTES.md #6: the best split differs per shape). The tuner times a few
+candidates on synthetic uniform routing of the buffer's own shape and keeps the fastest.
+It is a collective (SPEC section 1): every rank runs the same calls in the same order,
+the per-candidate times are gathered, and the choice — the candidate whose slowest rank
+is fastest, computed from the same gathered numbers on every rank, i.e. rank 0's choice —
+is cached in memory per shape, so a second buffer of the same shape skips the timing.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+import torch.distributed as dist
+
+from .config import CONTIGUOUS, BufferConfig
+from .errors import raise_for_errors
+
+# (warps per block in the producing role, tokens per flag release).
+DISPATCH_CANDIDATES = tuple((warps, chunk) for warps in (2, 4, 8, 12) for chunk in (1, 4, 16))
+COMBINE_CANDIDATES = tuple((warps, chunk) for warps in (8, 11, 13, 14) for chunk in (1, 4, 16))
+# A bf16 y for combine is allocated only for FP8 buffers, and only up to this size;
+# above it combine keeps the default tuning.
+MAX_SCRATCH_BYTES = 1 << 30
+SAMPLES = 5
+
+_cache: dict[tuple, dict[str, int]] = {}
+
+
+def cache_key(config: BufferConfig, num_sms: int, device: torch.device) -> tuple:
+    return (config.world_size, config.rank, config.hidden, config.max_tokens, config.num_experts, config.top_k,
+            config.dtype, config.layout, config.pad_multiple, config.capacity, num_sms,
+            torch.cuda.get_device_name(device))
+
+
+def tune(backend, group, num_sms: int) -> dict[str, int]:
+    """Chooses and sets ``backend.context``'s tuning; returns it. A collective over ``group``."""
+    config, device, context = backend.config, backend.device, backend.context
+    key = cache_key(config, num_sms, device)
+    if key not in _cache:
+        _cache[key] = _measure(backend, group)
+    context.set_tuning(**_cache[key])
+    return dict(_cache[key])
+
+
+def _measure(backend, group) -> dict[str, int]:
+    config, device, context = backend.config, backend.device, backend.context
+    x, scales, idx, weights = _synthetic_inputs(config, device)
+    T = config.max_tokens
+
+    def dispatch():
+        context.dispatch(x, scales, idx, weights, T, None)
+
+    y = _combine_input(backend)
+    out = backend.combine_out
+
+    def combine():
+        context.combine(y, out, T, True)
+
+    dispatch()  # warm-up, and the plan every timed combine uses
+    times = [_time(lambda: context.set_tuning(dispatch_send_warps=w, dispatch_chunk_tokens=c), dispatch, device)
+             for w, c in DISPATCH_CANDIDATES]
+    if y is not None:
+        times += [_time(lambda: context.set_tuning(combine_reduce_warps=w, combine_chunk_tokens=c), combine, device)
+                  for w, c in COMBINE_CANDIDATES]
+    torch.cuda.synchronize(device)
+    from .cuda_backend import PHASE_NAMES  # (cuda_backend imports this module)
+
+    # Synthetic routing is valid: anything here is a timeout (a peer that is not tuning too).
+    raise_for_errors(context.take_errors(), rank=config.rank, num_experts=config.num_experts,
+                     phase_names=PHASE_NAMES)
+
+    gathered = [None] * config.world_size
+    dist.all_gather_object(gathered, times, group=group)
+    slowest = [max(rank_times[i] for rank_times in gathered) for i in range(len(times))]
+    d = min(range(len(DISPATCH_CANDIDATES)), key=lambda i: slowest[i])
+    chosen = dict(dispatch_send_warps=DISPATCH_CANDIDATES[d][0], dispatch_chunk_tokens=DISPATCH_CANDIDATES[d][1])
+    if y is not None:
+        combine_times = slowest[len(DISPATCH_CANDIDATES):]
+        k = min(range(len(COMBINE_CANDIDATES)), key=lambda i: combine_times[i])
+        chosen.update(combine_reduce_warps=COMBINE_CANDIDATES[k][0], combine_chunk_tokens=COMBINE_CANDIDATES[k][1])
+    else:
+        defaults = context.get_tuning()
+        chosen.update(combine_reduce_warps=defaults["combine_reduce_warps"],
+                      combine_chunk_tokens=defaults["combine_chunk_tokens"])
+    return chosen
+
+
+def _time(configure, call, device) -> float:
+    """Median device time of ``call`` over SAMPLES runs after one warm-up, in µs."""
+    configure()
+    call()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(SAMPLES)]
+    for start, end in events:
+        start.record()
+        call()
+        end.record()
+    torch.cuda.synchronize(device)
+    return statistics.median(start.elapsed_time(end) * 1e3 for start, end in events)
+
+
+def _synthetic_inputs(config: BufferConfig, device: torch.device):
+    """Every token to K distinct uniformly drawn experts, all T_max tokens."""
+    T, H, E, K = config.max_tokens, config.hidden, config.num_experts, config.top_k
+    gen = torch.Generator(device=device).manual_seed(1234 + config.rank)
+    x = torch.randn(T, H, generator=gen, device=device).to(config.dtype)
+    scales = torch.ones(T, H // 128, device=device) if config.is_fp8 else None
+    idx = torch.rand(T, E, generator=gen, device=device).argsort(dim=1)[:, :K].to(torch.int32).contiguous()
+    weights = torch.rand(T, K, generator=gen, device=device)
+    return x, scales, idx, weights
+
+
+def _combine_input(backend):
+    """A bf16 y in the dispatch layout: the dispatch output itself for bf16 buffers,
+    scratch memory for FP8 ones (None if that would exceed MAX_SCRATCH_BYTES)."""
+    config = backend.config
+    if config.dtype == torch.bfloat16:
+        return backend.hidden
+    rows = backend.hidden.numel() // config.hidden
+    if rows * config.hidden * 2 > MAX_SCRATCH_BYTES:
+        return None
+    shape = backend.hidden.shape if config.layout != CONTIGUOUS else (rows, config.hidden)
+    return torch.zeros(shape, dtype=torch.bfloat16, device=backend.device)
