@@ -213,6 +213,11 @@ hep_status_t hep_context_attach(hep_context_t* context, const hep_buffer_desc_t*
   HEP_CUDA_CALL(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, context->device));
   HEP_REQUIRE(desc->num_sms <= sm_count, "num_sms %d exceeds the %d SMs of device %d", desc->num_sms, sm_count,
               context->device);
+  {
+    hep::DeviceGuard guard(context->device);
+    HEP_CUDA_CALL(guard.status());
+    HEP_CUDA_CALL(hep::prepare_transfer_kernel());
+  }
   context->desc = *desc;
   context->sizes = hep::make_sizes(*desc);
   context->offsets = hep::make_offsets(context->sizes);
@@ -237,6 +242,8 @@ hep_status_t hep_context_set_tuning(hep_context_t* context, const hep_tuning_t* 
               "dispatch_chunk_tokens %d outside [1, max_tokens = %d]", tuning->dispatch_chunk_tokens, T);
   HEP_REQUIRE(tuning->combine_chunk_tokens >= 1 && tuning->combine_chunk_tokens <= T,
               "combine_chunk_tokens %d outside [1, max_tokens = %d]", tuning->combine_chunk_tokens, T);
+  HEP_REQUIRE(tuning->dispatch_expand_tma == 0 || tuning->dispatch_expand_tma == 1,
+              "dispatch_expand_tma must be 0 or 1, got %d", tuning->dispatch_expand_tma);
   context->tuning = *tuning;
   return HEP_SUCCESS;
 }
@@ -269,6 +276,7 @@ hep_status_t hep_dispatch(hep_context_t* context, const hep_dispatch_args_t* arg
   hep::fill_buffer_params(*context, p);
   p.send_warps = context->tuning.dispatch_send_warps;
   p.chunk_tokens = context->tuning.dispatch_chunk_tokens;
+  p.expand_tma = context->tuning.dispatch_expand_tma;
   p.x = args->x;
   p.scales = args->scales;
   p.topk_idx = args->topk_idx;

@@ -27,6 +27,7 @@ inline hep_tuning_t default_tuning() {
   t.dispatch_chunk_tokens = 1;
   t.combine_reduce_warps = 13;
   t.combine_chunk_tokens = 1;
+  t.dispatch_expand_tma = 0;
   return t;
 }
 

@@ -110,8 +110,9 @@ class EPBuffer:
             dispatch's transfer and combine (``None``: 24); at most the device's SM
             count. The small planning kernels are sized by the work.
         timeout_s: bound on every wait for a peer (CUDA backend).
-        tune: CUDA backend: time a few splits of the copy kernels' warps and chunk sizes
-            on synthetic routing of this shape at construction and keep the fastest
+        tune: CUDA backend: time a few splits of the copy kernels' warps, chunk sizes
+            and copy methods on synthetic routing of this shape at construction and
+            keep the fastest
             (collective; cached per shape in this process; never changes results).
             Every rank must pass the same value. ``False``: the built-in defaults.
         backend: ``"auto"`` (CUDA where available, else reference), ``"cuda"``,

@@ -20,8 +20,9 @@ import torch.distributed as dist
 from .config import CONTIGUOUS, BufferConfig
 from .errors import raise_for_errors
 
-# (warps per block in the producing role, tokens per flag release).
-DISPATCH_CANDIDATES = tuple((warps, chunk) for warps in (2, 4, 8, 12) for chunk in (1, 4, 16))
+# Dispatch: (sender warps per block, tokens per flag release, expand through the copy engine).
+DISPATCH_CANDIDATES = tuple((warps, chunk, tma) for warps in (2, 4, 8, 12) for chunk in (1, 4, 16) for tma in (0, 1))
+# Combine: (reducer warps per block, tokens per flag release).
 COMBINE_CANDIDATES = tuple((warps, chunk) for warps in (8, 11, 13, 14) for chunk in (1, 4, 16))
 # A bf16 y for combine is allocated only for FP8 buffers, and only up to this size;
 # above it combine keeps the default tuning.
@@ -62,8 +63,9 @@ def _measure(backend, group) -> dict[str, int]:
         context.combine(y, out, T, True)
 
     dispatch()  # warm-up, and the plan every timed combine uses
-    times = [_time(lambda: context.set_tuning(dispatch_send_warps=w, dispatch_chunk_tokens=c), dispatch, device)
-             for w, c in DISPATCH_CANDIDATES]
+    times = [_time(lambda: context.set_tuning(dispatch_send_warps=w, dispatch_chunk_tokens=c, dispatch_expand_tma=e),
+                   dispatch, device)
+             for w, c, e in DISPATCH_CANDIDATES]
     if y is not None:
         times += [_time(lambda: context.set_tuning(combine_reduce_warps=w, combine_chunk_tokens=c), combine, device)
                   for w, c in COMBINE_CANDIDATES]
@@ -78,7 +80,7 @@ def _measure(backend, group) -> dict[str, int]:
     dist.all_gather_object(gathered, times, group=group)
     slowest = [max(rank_times[i] for rank_times in gathered) for i in range(len(times))]
     d = min(range(len(DISPATCH_CANDIDATES)), key=lambda i: slowest[i])
-    chosen = dict(dispatch_send_warps=DISPATCH_CANDIDATES[d][0], dispatch_chunk_tokens=DISPATCH_CANDIDATES[d][1])
+    chosen = dict(zip(("dispatch_send_warps", "dispatch_chunk_tokens", "dispatch_expand_tma"), DISPATCH_CANDIDATES[d]))
     if y is not None:
         combine_times = slowest[len(DISPATCH_CANDIDATES):]
         k = min(range(len(COMBINE_CANDIDATES)), key=lambda i: combine_times[i])

@@ -10,11 +10,11 @@ from hybrid_ep_infer.config import BufferConfig
 
 
 def test_candidates_are_valid_and_include_the_defaults():
-    for candidates, default in ((tuning.DISPATCH_CANDIDATES, (4, 1)), (tuning.COMBINE_CANDIDATES, (13, 1))):
+    for candidates, default in ((tuning.DISPATCH_CANDIDATES, (4, 1, 0)), (tuning.COMBINE_CANDIDATES, (13, 1))):
         assert default in candidates
         assert len(set(candidates)) == len(candidates)
-        for warps, chunk in candidates:
-            assert 1 <= warps <= 15 and chunk >= 1
+        for warps, chunk, *tma in candidates:
+            assert 1 <= warps <= 15 and chunk >= 1 and tma in ([], [0], [1])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.uint8])

@@ -36,6 +36,18 @@ __device__ __forceinline__ WaitContext wait_context(const Params& p) {
 
 __device__ __forceinline__ bool timed_out_before(const WaitContext& w) { return ptx::ld_relaxed_sys(w.broken) != 0; }
 
+// Gives up a wait for good: the first waiter of the buffer to give up names the phase
+// and peer (reserved is the claim); every later wait of the buffer fails at once.
+__device__ __forceinline__ void record_timeout(const WaitContext& w, uint32_t phase, uint32_t peer) {
+  if (atomicCAS_system(&w.errors->reserved, 0u, 1u) == 0u) {
+    w.errors->timeout_phase = phase;
+    w.errors->timeout_peer = peer;
+    __threadfence_system();  // phase and peer before the count the host looks at
+    atomicAdd_system(&w.errors->counts[HEP_ERROR_TIMEOUT], 1u);
+  }
+  atomicExch(w.broken, 1u);
+}
+
 static __device__ __noinline__ bool spin_until_at_least(const uint64_t* counter, uint64_t expected, const WaitContext& w,
                                                  uint32_t phase, uint32_t peer);
 
@@ -58,14 +70,7 @@ static __device__ __noinline__ bool spin_until_at_least(const uint64_t* counter,
     if (spins % 256 == 0) {  // the clock is slower to read than the counter
       if (timed_out_before(w)) return false;
       if (ptx::globaltimer_ns() - start > w.timeout_ns) {
-        // The first waiter to give up names the phase and peer; reserved is the claim.
-        if (atomicCAS_system(&w.errors->reserved, 0u, 1u) == 0u) {
-          w.errors->timeout_phase = phase;
-          w.errors->timeout_peer = peer;
-          __threadfence_system();  // phase and peer before the count the host looks at
-          atomicAdd_system(&w.errors->counts[HEP_ERROR_TIMEOUT], 1u);
-        }
-        atomicExch(w.broken, 1u);
+        record_timeout(w, phase, peer);
         return false;
       }
     }

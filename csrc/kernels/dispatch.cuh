@@ -42,6 +42,7 @@ struct DispatchParams {
   int32_t blocks;              // blocks of the transfer kernel (at most one per SM)
   int32_t send_warps;          // warps per block that send (the rest expand), from the tuning
   int32_t chunk_tokens;        // consecutive tokens per sender flag release, from the tuning
+  int32_t expand_tma;          // expand through the copy engine (1) or with warp copies (0), from the tuning
 
   // Inputs of this call.
   const void* x;
@@ -56,6 +57,8 @@ struct DispatchParams {
 
 cudaError_t launch_dispatch(const DispatchParams& params, cudaStream_t stream);
 cudaError_t launch_transfer_kernel(const DispatchParams& params, cudaStream_t stream);  // dispatch_copy.cu
+// Once per device before the first launch (shared-memory limit of the copy-engine expand).
+cudaError_t prepare_transfer_kernel();
 
 // Routing slot of (parity, source) inside a workspace.
 struct RoutingSlotView {

@@ -15,6 +15,7 @@
 // An expander waits for every token that lands here, even one with a single row, so
 // the call's outputs are complete when the kernel ends.
 #include "common/ptx.cuh"
+#include "common/tma.cuh"
 #include "common/wait.cuh"
 #include "kernels/dispatch.cuh"
 
@@ -27,6 +28,11 @@ constexpr int kWarps = kCopyWarps;
 // the link rate; the local copies want more (NOTES.md #4).
 constexpr int kSendUnroll = 4;
 constexpr int kExpandUnroll = 8;  // 16 measured slower (NOTES.md #6)
+// Expand through the copy engine (tuning.dispatch_expand_tma): per expander warp a ring
+// of two shared-memory stages; one load of a row piece, then one bulk store per other
+// row of the token. 15 warps x 2 x 7 KB (+ barriers) fit in a block's shared memory.
+constexpr int kExpandStages = 2;
+constexpr int kExpandStageBytes = 7168;
 
 // Copies `bytes` (a multiple of 16) from src to dst with the calling warp.
 template <bool kSourceReadOnly, int kUnroll>
@@ -122,15 +128,97 @@ __device__ bool expand_tokens(const DispatchParams& p, uint64_t call, int warp, 
   return true;
 }
 
-__global__ void __launch_bounds__(kThreads) transfer_kernel(const __grid_constant__ DispatchParams p) {
+// expand_tokens through the copy engine: lane 0 of the warp moves the rows, piece by
+// piece through its two stages (a piece's stores overlap the next piece's load).
+// `ring` is this warp's kExpandStages stages, `bars` their mbarriers (initialized).
+__device__ bool expand_tokens_tma(const DispatchParams& p, uint64_t call, int warp, int warps, int lane, char* ring,
+                                  uint64_t* bars) {
+  const Sizes& s = p.sizes;
+  const int W = s.world, K = s.top_k, T = s.max_tokens;
+  const int32_t* src_tokens = at<const int32_t>(p.local, p.off.src_tokens);
+  const int32_t* first_row = at<const int32_t>(p.local, p.off.first_row);
+  const int32_t* row_of = at<const int32_t>(p.local, p.off.row_of);
+  const uint64_t* flags = at<const uint64_t>(p.local, p.off.data_flags);
+  char* hidden = at<char>(p.local, p.off.hidden);
+  float* scales = at<float>(p.local, p.off.scales);
+  int max_n = 0;
+  for (int r = 0; r < W; ++r) max_n = max(max_n, src_tokens[r]);
+  uint32_t parity = 0;  // bit i: the phase stage i waits for next
+  int stage = 0;
+  bool ok = true;
+
+  for (int64_t item = warp; ok && item < (int64_t)max_n * W; item += warps) {
+    const int t = static_cast<int>(item / W), source = static_cast<int>(item % W);
+    if (t >= src_tokens[source]) continue;
+    const int64_t token = (int64_t)source * T + t;
+    const int32_t first = first_row[token];
+    if (first < 0) continue;
+    const uint64_t* flag = flags + (int64_t)source * T + t / p.chunk_tokens;
+    if (!warp_acquire_flags(lane == 0, flag, call, wait_context(p), kPhaseDispatchPayload, source)) {
+      ok = false;
+      break;
+    }
+    int others = 0;
+    for (int k = 0; k < K; ++k) {
+      const int32_t row = row_of[token * K + k];
+      others += row >= 0 && row != first;
+    }
+    if (others == 0) continue;
+    if (lane == 0) {
+      tma::fence_proxy_async_global();  // the peer's rows, acquired above, for the copy engine
+      const char* src = hidden + first * s.row_bytes;
+      for (int64_t off = 0; ok && off < s.row_bytes; off += kExpandStageBytes) {
+        const uint32_t bytes = static_cast<uint32_t>(min(static_cast<int64_t>(kExpandStageBytes), s.row_bytes - off));
+        char* piece = ring + stage * kExpandStageBytes;
+        tma::wait_group_read<kExpandStages - 1>();  // this stage's last stores have read it
+        tma::load(piece, src + off, bytes, &bars[stage]);
+        ok = tma::mbarrier_wait(&bars[stage], (parity >> stage) & 1, wait_context(p), kPhaseDispatchPayload,
+                                s.rank);
+        parity ^= 1u << stage;
+        if (!ok) break;
+        for (int k = 0; k < K; ++k) {
+          const int32_t row = row_of[token * K + k];
+          if (row >= 0 && row != first) tma::store(hidden + row * s.row_bytes + off, piece, bytes);
+        }
+        tma::commit_group();
+        stage ^= 1;
+      }
+    }
+    ok = __shfl_sync(0xffffffffu, ok, 0);
+    if (ok && s.scale_cols) {
+      for (int k = 0; k < K; ++k) {
+        const int32_t row = row_of[token * K + k];
+        if (row < 0 || row == first) continue;
+        warp_copy_words(scales + (int64_t)row * s.scale_cols, scales + (int64_t)first * s.scale_cols, s.scale_cols, lane);
+      }
+    }
+  }
+  if (lane == 0) tma::wait_all();  // the rows are written, and the stages free, before the warp ends
+  __syncwarp();
+  return ok;
+}
+
+__global__ void __launch_bounds__(kThreads, 1) transfer_kernel(const __grid_constant__ DispatchParams p) {
   const uint64_t call = *at<const uint64_t>(p.local, p.off.epoch) + 1;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (!timed_out_before(wait_context(p))) {  // else the buffer is dead: touch no peer
     const int send_warps = p.send_warps, expand_warps = kWarps - send_warps;
+    const int expander = warp - send_warps;  // index among the block's expanders
     if (warp < send_warps) {
       send_tokens(p, call, blockIdx.x * send_warps + warp, gridDim.x * send_warps, lane);
+    } else if (p.expand_tma) {
+      extern __shared__ __align__(128) char stages[];  // [expand_warps][kExpandStages][kExpandStageBytes]
+      uint64_t* bars = reinterpret_cast<uint64_t*>(stages + expand_warps * kExpandStages * kExpandStageBytes) +
+                       expander * kExpandStages;
+      if (lane == 0) {
+        for (int i = 0; i < kExpandStages; ++i) tma::mbarrier_init(&bars[i]);
+        tma::fence_mbarrier_init();
+      }
+      __syncwarp();
+      expand_tokens_tma(p, call, blockIdx.x * expand_warps + expander, gridDim.x * expand_warps, lane,
+                        stages + expander * kExpandStages * kExpandStageBytes, bars);
     } else {
-      expand_tokens(p, call, blockIdx.x * expand_warps + warp - send_warps, gridDim.x * expand_warps, lane);
+      expand_tokens(p, call, blockIdx.x * expand_warps + expander, gridDim.x * expand_warps, lane);
     }
   }
 
@@ -148,8 +236,19 @@ __global__ void __launch_bounds__(kThreads) transfer_kernel(const __grid_constan
 
 }  // namespace
 
+// Dynamic shared memory of the copy-engine expand for `expand_warps` expanders.
+static size_t expand_stage_bytes(int expand_warps) {
+  return (size_t)expand_warps * kExpandStages * (kExpandStageBytes + sizeof(uint64_t));
+}
+
+cudaError_t prepare_transfer_kernel() {
+  return cudaFuncSetAttribute(transfer_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(expand_stage_bytes(kWarps - 1)));
+}
+
 cudaError_t launch_transfer_kernel(const DispatchParams& p, cudaStream_t stream) {
-  transfer_kernel<<<p.blocks, kThreads, 0, stream>>>(p);
+  const size_t shared = p.expand_tma ? expand_stage_bytes(kWarps - p.send_warps) : 0;
+  transfer_kernel<<<p.blocks, kThreads, shared, stream>>>(p);
   return cudaGetLastError();
 }
 
