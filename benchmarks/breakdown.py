@@ -2,6 +2,7 @@
 
     python benchmarks/breakdown.py [--ranks N] [--hidden 7168] [--tokens 4096] [--top-k 8]
                                    [--local-experts 8] [--num-sms 24 48 ...]
+                                   [--no-tune] [--tuning 4,1,0,0,13,1]
 
 Spawns one process per GPU, runs uniform routing, profiles 10 calls with
 torch.profiler and prints, for rank 0, the mean device time of each kernel and the
@@ -21,6 +22,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+TUNING_FIELDS = ("dispatch_send_warps", "dispatch_chunk_tokens", "dispatch_send_tma", "dispatch_expand_tma",
+                 "combine_reduce_warps", "combine_chunk_tokens")
+
+
 def worker(rank: int, args) -> None:
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{args.port}", rank=rank, world_size=args.ranks)
@@ -37,7 +42,16 @@ def worker(rank: int, args) -> None:
     off_gpu_bytes = off_gpu_rows * H * 2
 
     for num_sms in args.num_sms:
-        with EPBuffer(hidden=H, max_tokens=T, num_experts=E, top_k=K, backend="cuda", num_sms=num_sms) as buf:
+        with EPBuffer(hidden=H, max_tokens=T, num_experts=E, top_k=K, backend="cuda", num_sms=num_sms,
+                      tune=not args.no_tune, timeout_s=args.timeout) as buf:
+            if args.tuning:
+                buf._backend.context.set_tuning(**dict(zip(TUNING_FIELDS, map(int, args.tuning.split(",")))))
+            if rank == 0:
+                from hybrid_ep_infer import tuning
+
+                for op, candidate, us in (list(tuning.reports.values()) or [[]])[-1]:
+                    print(f"  tuner {op:8s} {str(candidate):14s} {us:9.1f} us (slowest rank)")
+                print(f"  tuning in use: {buf._backend.context.get_tuning()}")
             result = buf.dispatch(x, idx, weights)
             y = result.hidden.clone()
             buf.combine(y, result.handle)
@@ -45,6 +59,10 @@ def worker(rank: int, args) -> None:
             dist.barrier()
             iters = 10
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                # Starting the profiler takes a different time on each rank: line the ranks
+                # up again, or the first routing exchange absorbs the difference.
+                dist.barrier()
+                torch.cuda.synchronize()
                 for _ in range(iters):
                     result = buf.dispatch(x, idx, weights)
                     buf.combine(y, result.handle)
@@ -77,11 +95,20 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--local-experts", type=int, default=8)
     parser.add_argument("--num-sms", type=int, nargs="+", default=[24])
+    parser.add_argument("--timeout", type=float, default=100.0, help="EPBuffer timeout_s")
+    parser.add_argument("--rank", type=int, help="run only this rank (the others are started separately, "
+                        "e.g. to put one rank under ncu: benchmarks/ncu_rank0.sh)")
+    parser.add_argument("--port", type=int, help="rendezvous port (with --rank)")
+    parser.add_argument("--no-tune", action="store_true", help="skip the construction-time tuner (built-in defaults)")
+    parser.add_argument("--tuning", help="force a tuning: send_warps,chunk,send_tma,expand_tma,reduce_warps,chunk")
     args = parser.parse_args()
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    if args.rank is not None:
+        worker(args.rank, args)
+        return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         args.port = s.getsockname()[1]
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     mp.spawn(worker, args=(args,), nprocs=args.ranks, join=True)
 
 

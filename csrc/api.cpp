@@ -244,6 +244,8 @@ hep_status_t hep_context_set_tuning(hep_context_t* context, const hep_tuning_t* 
               "combine_chunk_tokens %d outside [1, max_tokens = %d]", tuning->combine_chunk_tokens, T);
   HEP_REQUIRE(tuning->dispatch_expand_tma == 0 || tuning->dispatch_expand_tma == 1,
               "dispatch_expand_tma must be 0 or 1, got %d", tuning->dispatch_expand_tma);
+  HEP_REQUIRE(tuning->dispatch_send_tma == 0 || tuning->dispatch_send_tma == 1,
+              "dispatch_send_tma must be 0 or 1, got %d", tuning->dispatch_send_tma);
   context->tuning = *tuning;
   return HEP_SUCCESS;
 }
@@ -277,6 +279,7 @@ hep_status_t hep_dispatch(hep_context_t* context, const hep_dispatch_args_t* arg
   p.send_warps = context->tuning.dispatch_send_warps;
   p.chunk_tokens = context->tuning.dispatch_chunk_tokens;
   p.expand_tma = context->tuning.dispatch_expand_tma;
+  p.send_tma = context->tuning.dispatch_send_tma;
   p.x = args->x;
   p.scales = args->scales;
   p.topk_idx = args->topk_idx;

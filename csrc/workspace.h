@@ -28,6 +28,7 @@ inline hep_tuning_t default_tuning() {
   t.combine_reduce_warps = 13;
   t.combine_chunk_tokens = 1;
   t.dispatch_expand_tma = 0;
+  t.dispatch_send_tma = 0;
   return t;
 }
 

@@ -104,6 +104,7 @@ class Tuning(ctypes.Structure):
         ("combine_reduce_warps", ctypes.c_int32),
         ("combine_chunk_tokens", ctypes.c_int32),
         ("dispatch_expand_tma", ctypes.c_int32),
+        ("dispatch_send_tma", ctypes.c_int32),
     ]
 
 

@@ -20,9 +20,13 @@ import torch.distributed as dist
 from .config import CONTIGUOUS, BufferConfig
 from .errors import raise_for_errors
 
-# Dispatch: (sender warps per block, tokens per flag release, expand through the copy engine).
-DISPATCH_CANDIDATES = tuple((warps, chunk, tma) for warps in (2, 4, 8, 12) for chunk in (1, 4, 16) for tma in (0, 1))
-# Combine: (reducer warps per block, tokens per flag release).
+# Dispatch: sender warps per block, tokens per flag release, NVLink writes and expand
+# through the copy engine (1) or with warp copies (0).
+DISPATCH_FIELDS = ("dispatch_send_warps", "dispatch_chunk_tokens", "dispatch_send_tma", "dispatch_expand_tma")
+DISPATCH_CANDIDATES = tuple((warps, chunk, send_tma, expand_tma) for warps in (1, 2, 4, 8) for chunk in (1, 4, 16)
+                            for send_tma in (0, 1) for expand_tma in (0, 1))
+# Combine: reducer warps per block, tokens per flag release.
+COMBINE_FIELDS = ("combine_reduce_warps", "combine_chunk_tokens")
 COMBINE_CANDIDATES = tuple((warps, chunk) for warps in (8, 11, 13, 14) for chunk in (1, 4, 16))
 # A bf16 y for combine is allocated only for FP8 buffers, and only up to this size;
 # above it combine keeps the default tuning.
@@ -30,6 +34,8 @@ MAX_SCRATCH_BYTES = 1 << 30
 SAMPLES = 5
 
 _cache: dict[tuple, dict[str, int]] = {}
+# Per shape: every timed candidate with its slowest rank's median, in µs (for benchmarks/breakdown.py).
+reports: dict[tuple, list[tuple[str, tuple, float]]] = {}
 
 
 def cache_key(config: BufferConfig, num_sms: int, device: torch.device) -> tuple:
@@ -43,12 +49,12 @@ def tune(backend, group, num_sms: int) -> dict[str, int]:
     config, device, context = backend.config, backend.device, backend.context
     key = cache_key(config, num_sms, device)
     if key not in _cache:
-        _cache[key] = _measure(backend, group)
+        _cache[key], reports[key] = _measure(backend, group)
     context.set_tuning(**_cache[key])
     return dict(_cache[key])
 
 
-def _measure(backend, group) -> dict[str, int]:
+def _measure(backend, group) -> tuple[dict[str, int], list[tuple[str, tuple, float]]]:
     config, device, context = backend.config, backend.device, backend.context
     x, scales, idx, weights = _synthetic_inputs(config, device)
     T = config.max_tokens
@@ -63,12 +69,11 @@ def _measure(backend, group) -> dict[str, int]:
         context.combine(y, out, T, True)
 
     dispatch()  # warm-up, and the plan every timed combine uses
-    times = [_time(lambda: context.set_tuning(dispatch_send_warps=w, dispatch_chunk_tokens=c, dispatch_expand_tma=e),
-                   dispatch, device)
-             for w, c, e in DISPATCH_CANDIDATES]
+    times = [_time(lambda: context.set_tuning(**dict(zip(DISPATCH_FIELDS, candidate))), dispatch, device)
+             for candidate in DISPATCH_CANDIDATES]
     if y is not None:
-        times += [_time(lambda: context.set_tuning(combine_reduce_warps=w, combine_chunk_tokens=c), combine, device)
-                  for w, c in COMBINE_CANDIDATES]
+        times += [_time(lambda: context.set_tuning(**dict(zip(COMBINE_FIELDS, candidate))), combine, device)
+                  for candidate in COMBINE_CANDIDATES]
     torch.cuda.synchronize(device)
     from .cuda_backend import PHASE_NAMES  # (cuda_backend imports this module)
 
@@ -79,17 +84,18 @@ def _measure(backend, group) -> dict[str, int]:
     gathered = [None] * config.world_size
     dist.all_gather_object(gathered, times, group=group)
     slowest = [max(rank_times[i] for rank_times in gathered) for i in range(len(times))]
+    report = [("dispatch", c, t) for c, t in zip(DISPATCH_CANDIDATES, slowest)]
+    report += [("combine", c, t) for c, t in zip(COMBINE_CANDIDATES, slowest[len(DISPATCH_CANDIDATES):])]
     d = min(range(len(DISPATCH_CANDIDATES)), key=lambda i: slowest[i])
-    chosen = dict(zip(("dispatch_send_warps", "dispatch_chunk_tokens", "dispatch_expand_tma"), DISPATCH_CANDIDATES[d]))
+    chosen = dict(zip(DISPATCH_FIELDS, DISPATCH_CANDIDATES[d]))
     if y is not None:
         combine_times = slowest[len(DISPATCH_CANDIDATES):]
         k = min(range(len(COMBINE_CANDIDATES)), key=lambda i: combine_times[i])
-        chosen.update(combine_reduce_warps=COMBINE_CANDIDATES[k][0], combine_chunk_tokens=COMBINE_CANDIDATES[k][1])
-    else:
+        chosen.update(zip(COMBINE_FIELDS, COMBINE_CANDIDATES[k]))
+    else:  # the defaults (attach set them; nothing has changed the combine fields yet)
         defaults = context.get_tuning()
-        chosen.update(combine_reduce_warps=defaults["combine_reduce_warps"],
-                      combine_chunk_tokens=defaults["combine_chunk_tokens"])
-    return chosen
+        chosen.update((name, defaults[name]) for name in COMBINE_FIELDS)
+    return chosen, report
 
 
 def _time(configure, call, device) -> float:

@@ -71,24 +71,27 @@ def check_combines_with_a_rank_running_ahead(rank: int, world_size: int) -> None
 # large as max_tokens, one warp in a role.
 TUNINGS = (
     dict(dispatch_send_warps=2, dispatch_chunk_tokens=1, combine_reduce_warps=8, combine_chunk_tokens=1,
-         dispatch_expand_tma=1),
+         dispatch_expand_tma=1, dispatch_send_tma=1),
     dict(dispatch_send_warps=12, dispatch_chunk_tokens=16, combine_reduce_warps=14, combine_chunk_tokens=7,
-         dispatch_expand_tma=0),
+         dispatch_expand_tma=0, dispatch_send_tma=1),
     dict(dispatch_send_warps=1, dispatch_chunk_tokens=3, combine_reduce_warps=15, combine_chunk_tokens=5,
-         dispatch_expand_tma=1),
+         dispatch_expand_tma=1, dispatch_send_tma=0),
     dict(dispatch_send_warps=15, dispatch_chunk_tokens=128, combine_reduce_warps=1, combine_chunk_tokens=128,
-         dispatch_expand_tma=1),
+         dispatch_expand_tma=1, dispatch_send_tma=1),
+    dict(dispatch_send_warps=4, dispatch_chunk_tokens=4, combine_reduce_warps=13, combine_chunk_tokens=4,
+         dispatch_expand_tma=0, dispatch_send_tma=1),
 )
 
 
 def check_tunings(rank: int, world_size: int) -> None:
     """Results do not depend on the tuning (SPEC section 1)."""
     base = Case(world_size=world_size, hidden=2048, max_tokens=128, num_experts=8 * world_size, top_k=8)
-    # Rows of 14336, 4096, 640 (FP8, with scales) and 8192 bytes: the copy-engine expand
-    # moves them in 2, 1, 1 and 2 uneven pieces.
-    shapes = ((7168, torch.bfloat16), (2048, torch.bfloat16), (640, torch.float8_e4m3fn), (4096, torch.bfloat16))
+    # Rows of 14336, 4096, 640 (FP8, with scales), 8192 and 7168 (FP8) bytes: the copy-engine
+    # paths move them in 2, 1, 1, 2 and 1 pieces.
+    shapes = ((7168, torch.bfloat16), (2048, torch.bfloat16), (640, torch.float8_e4m3fn), (4096, torch.bfloat16),
+              (7168, torch.float8_e4m3fn))
     for i, tuning in enumerate(TUNINGS):
-        case = dataclasses.replace(base, routing=("ragged", "empty_rank", "skewed", "random")[i], seed=60 + i,
+        case = dataclasses.replace(base, routing=("ragged", "empty_rank", "skewed", "random", "ragged")[i], seed=60 + i,
                                    layout=("contiguous", "batched")[i % 2], hidden=shapes[i][0], dtype=shapes[i][1])
         check_round_trip(rank, case, ("int", "device")[i % 2], tuning=tuning)
 
@@ -101,13 +104,12 @@ def check_tuner(rank: int, world_size: int) -> None:
     with make_buffer(case, "cuda", tune=True) as cud:
         chosen = cud._backend.tuning
         for bad in (dict(dispatch_send_warps=16), dict(combine_reduce_warps=0), dict(dispatch_chunk_tokens=257),
-                    dict(combine_chunk_tokens=0), dict(dispatch_expand_tma=2)):
+                    dict(combine_chunk_tokens=0), dict(dispatch_expand_tma=2), dict(dispatch_send_tma=-1)):
             with pytest.raises(NativeError, match=next(iter(bad))):
                 cud._backend.context.set_tuning(**bad)
         assert cud._backend.context.get_tuning() == chosen
-    assert (chosen["dispatch_send_warps"], chosen["dispatch_chunk_tokens"],
-            chosen["dispatch_expand_tma"]) in tuner.DISPATCH_CANDIDATES, chosen
-    assert (chosen["combine_reduce_warps"], chosen["combine_chunk_tokens"]) in tuner.COMBINE_CANDIDATES, chosen
+    assert tuple(chosen[name] for name in tuner.DISPATCH_FIELDS) in tuner.DISPATCH_CANDIDATES, chosen
+    assert tuple(chosen[name] for name in tuner.COMBINE_FIELDS) in tuner.COMBINE_CANDIDATES, chosen
     everyone = [None] * world_size
     dist.all_gather_object(everyone, chosen)
     assert all(t == chosen for t in everyone), everyone

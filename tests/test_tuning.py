@@ -10,11 +10,18 @@ from hybrid_ep_infer.config import BufferConfig
 
 
 def test_candidates_are_valid_and_include_the_defaults():
-    for candidates, default in ((tuning.DISPATCH_CANDIDATES, (4, 1, 0)), (tuning.COMBINE_CANDIDATES, (13, 1))):
+    for candidates, fields, default in ((tuning.DISPATCH_CANDIDATES, tuning.DISPATCH_FIELDS, (4, 1, 0, 0)),
+                                        (tuning.COMBINE_CANDIDATES, tuning.COMBINE_FIELDS, (13, 1))):
         assert default in candidates
         assert len(set(candidates)) == len(candidates)
-        for warps, chunk, *tma in candidates:
-            assert 1 <= warps <= 15 and chunk >= 1 and tma in ([], [0], [1])
+        for candidate in candidates:
+            assert len(candidate) == len(fields)
+            warps, chunk, *tma = candidate
+            assert 1 <= warps <= 15 and chunk >= 1 and all(flag in (0, 1) for flag in tma)
+    # Every tuning field is chosen by the tuner (names as in the C struct).
+    from hybrid_ep_infer._native import Tuning
+
+    assert set(tuning.DISPATCH_FIELDS + tuning.COMBINE_FIELDS) == {name for name, _ in Tuning._fields_[2:]}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.uint8])

@@ -43,6 +43,7 @@ struct DispatchParams {
   int32_t send_warps;          // warps per block that send (the rest expand), from the tuning
   int32_t chunk_tokens;        // consecutive tokens per sender flag release, from the tuning
   int32_t expand_tma;          // expand through the copy engine (1) or with warp copies (0), from the tuning
+  int32_t send_tma;            // NVLink writes through the copy engine (1) or with warp copies (0), from the tuning
 
   // Inputs of this call.
   const void* x;
@@ -57,7 +58,7 @@ struct DispatchParams {
 
 cudaError_t launch_dispatch(const DispatchParams& params, cudaStream_t stream);
 cudaError_t launch_transfer_kernel(const DispatchParams& params, cudaStream_t stream);  // dispatch_copy.cu
-// Once per device before the first launch (shared-memory limit of the copy-engine expand).
+// Once per device before the first launch (shared-memory limit of the copy-engine paths).
 cudaError_t prepare_transfer_kernel();
 
 // Routing slot of (parity, source) inside a workspace.

@@ -71,7 +71,7 @@ def run_case(cfg: BenchConfig, dtype_name: str, routing: str, n: int, timer: Tim
     kw = dict(hidden=H, max_tokens=T, num_experts=L * W, top_k=K, dtype=dtype, pad_multiple=16)
     records = []
 
-    def record(op, impl, mode, timing, sms):
+    def record(op, impl, mode, timing, sms, tuning=None):
         if timing is None:
             return
         median, p99 = timing
@@ -83,7 +83,8 @@ def run_case(cfg: BenchConfig, dtype_name: str, routing: str, n: int, timer: Tim
             config=cfg.name, op=op, impl=impl, dtype=dtype_name, routing=routing, tokens=n, ranks=W, mode=mode,
             time_us=median, p99_us=p99, floor_us=floor, ratio_to_floor=median / floor if floor else None,
             busiest_offgpu_bytes=busiest[op], gbps_real=busiest[op] / median / 1e3,
-            gbps_logical=received / median / 1e3 if op in ("dispatch", "combine") else None, sms=sms))
+            gbps_logical=received / median / 1e3 if op in ("dispatch", "combine") else None, sms=sms,
+            tuning=tuning))
 
     with EPBuffer(backend=backend, num_sms=args.num_sms, **kw) as buf:
         check_against_reference(buf, kw, x, scales, idx, weights, device)
@@ -108,10 +109,11 @@ def run_case(cfg: BenchConfig, dtype_name: str, routing: str, n: int, timer: Tim
             buf.combine(experts(rows, r.offsets[1:]), r.handle, out=out)
 
         sms = buf._backend.desc.num_sms if cuda else None
+        tuning = dict(buf._backend.tuning) if cuda else None  # what the construction-time tuner chose
         for op, fn in (("dispatch", ours_dispatch), ("combine", ours_combine), ("round_trip", ours_round_trip),
                        ("layer", ours_layer)):
-            record(op, ours, "eager", timer.measure(fn), sms)
-            record(op, ours, "graph", timer.measure_graph(fn), sms)
+            record(op, ours, "eager", timer.measure(fn), sms, tuning)
+            record(op, ours, "graph", timer.measure_graph(fn), sms, tuning)
             ours_dispatch()  # the next op's handle is the latest dispatch
 
     for baseline_cls in (AllGatherReduceScatter, AllToAll):

@@ -137,6 +137,7 @@ typedef struct hep_tuning {
   int32_t combine_reduce_warps;  /* of 16, 1..15; the rest gather */
   int32_t combine_chunk_tokens;  /* consecutive tokens a reducer warp sums per flag release, >= 1 */
   int32_t dispatch_expand_tma;   /* 1: the per-expert copies go through the bulk copy engine; 0: warp copies */
+  int32_t dispatch_send_tma;     /* 1: the NVLink writes go through the bulk copy engine; 0: warp copies */
 } hep_tuning_t;
 
 HEP_API int hep_api_version(void);

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Rank 0 of benchmarks/breakdown.py under Nsight Compute, ranks 1..N-1 without it.
+# (ncu --target-processes all over every rank serializes their kernels across
+# processes, and a kernel waiting for a peer then never finishes.) Kernel replay
+# restores memory between passes, which erases the flags peers wrote: only metric sets
+# that ncu collects in one pass give results; ncu prints the pass count.
+#
+#   benchmarks/ncu_rank0.sh "<ncu options>" [breakdown.py options]
+#   benchmarks/ncu_rank0.sh "-k regex:transfer --launch-skip 5 --launch-count 1 --metrics gpu__time_duration.sum" --ranks 4 --no-tune
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ncu_args=$1
+shift
+ranks=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+for ((i = 1; i <= $#; i++)); do [ "${!i}" = --ranks ] && { j=$((i + 1)); ranks=${!j}; }; done
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+pids=()
+for ((r = 1; r < ranks; r++)); do
+  python3 benchmarks/breakdown.py "$@" --rank "$r" --port "$port" >/dev/null 2>&1 &
+  pids+=($!)
+done
+# shellcheck disable=SC2086
+ncu --clock-control none $ncu_args python3 benchmarks/breakdown.py "$@" --rank 0 --port "$port"
+status=$?
+wait "${pids[@]}"
+exit $status
