@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Rank 0 of benchmarks/breakdown.py under Nsight Compute, ranks 1..N-1 without it.
-# (ncu --target-processes all over every rank serializes their kernels across
-# processes, and a kernel waiting for a peer then never finishes.) Kernel replay
-# restores memory between passes, which erases the flags peers wrote: only metric sets
-# that ncu collects in one pass give results; ncu prints the pass count.
+# (ncu --target-processes all over every rank deadlocked: it serializes their kernels,
+# and a kernel waiting for a peer then never finishes.) ncu holds the profiled kernel
+# back while the peers run on, and kernel replay restores this rank's memory before each
+# pass: a multi-pass metric set completes only if the peers' rows and flags were already
+# there when ncu saved it (else a pass waits for a flag the restore erased, until the
+# EPBuffer timeout). So the counters describe a kernel that did not wait for its peers,
+# and its duration under ncu is not its normal time (benchmarks/NOTES.md #8).
 #
 #   benchmarks/ncu_rank0.sh "<ncu options>" [breakdown.py options]
 #   benchmarks/ncu_rank0.sh "-k regex:transfer --launch-skip 5 --launch-count 1 --metrics gpu__time_duration.sum" --ranks 4 --no-tune
