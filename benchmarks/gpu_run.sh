@@ -8,6 +8,8 @@
 #                                          # $OUT/bench-<config>.json each, merged into $OUT/results.json
 #                                          # with the Markdown table in $OUT/results.md
 #   BENCH_CONFIGS="decode qwen-2048" BENCH_ARGS="--ranks 2" bash benchmarks/gpu_run.sh bench
+#   bash benchmarks/gpu_run.sh breakdown   # per-kernel times and the tuner's table at the four benchmark
+#                                          # shapes (benchmarks/breakdown.py, all GPUs), $OUT/breakdown.txt
 #   bash benchmarks/gpu_run.sh smoke slow  # several tiers in one call, stopping at the first failure
 #                                          # (slow: only the tests that smoke leaves out)
 #   TESTS=tests/test_cuda_combine.py bash benchmarks/gpu_run.sh smoke   # a subset of files
@@ -41,6 +43,20 @@ if [ ! -f build/libhybrid_ep_infer.so ]; then
 fi
 export HYBRID_EP_INFER_LIBRARY=$PWD/build/libhybrid_ep_infer.so HYBRID_EP_INFER_EXPECT_LIBRARY=1
 
+run_breakdown() {
+  local status=0 shape
+  # the prefill-7168, mixtral-4096 and qwen-2048 shapes of hybrid_ep_infer/bench/configs.py, and
+  # 128 tokens per rank at H=7168 (decode's n=128; its buffer there holds 256)
+  for shape in "" "--hidden 4096 --local-experts 2 --top-k 2" "--hidden 2048 --local-experts 32 --top-k 8" "--tokens 128"; do
+    echo "== breakdown: ${shape:-prefill shape}"
+    # shellcheck disable=SC2086
+    timeout 120 python3 benchmarks/breakdown.py $shape ${BREAKDOWN_ARGS:-} 2>&1 |
+      grep -v -e UserWarning -e "return func" -e _warn_once
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  done
+  return $status
+}
+
 run_bench() {
   local configs=${BENCH_CONFIGS:-decode qwen-2048 mixtral-4096 prefill-7168} files=() status=0
   for config in $configs; do
@@ -60,7 +76,8 @@ for tier in "${tiers[@]}"; do
     slow) markers="gpu and slow" ;;
     full) markers="gpu" ;;
     bench) run_bench; status=$?; [ "$status" -eq 0 ] || break; continue ;;
-    *) echo "unknown tier $tier (smoke, slow, full, bench)"; exit 2 ;;
+    breakdown) run_breakdown 2>&1 | tee "$OUT/breakdown.txt"; status=${PIPESTATUS[0]}; [ "$status" -eq 0 ] || break; continue ;;
+    *) echo "unknown tier $tier (smoke, slow, full, bench, breakdown)"; exit 2 ;;
   esac
   echo "== $tier: pytest -m '$markers'"
   python3 -m pytest ${TESTS:-tests} -m "$markers" -q -rs -s -x --junitxml="$OUT/pytest-$tier.xml" 2>&1 | tee "$OUT/pytest-$tier.log"
