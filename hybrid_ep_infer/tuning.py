@@ -1,8 +1,9 @@
 """Construction-time tuning of the CUDA backend's two copy kernels.
 
-How many warps of a block send or expand (dispatch) and reduce or gather (combine), and
-how many consecutive tokens share one arrival flag, change speed but never results
-(benchmarks/NOTES.md #6: the best split differs per shape). The tuner times a few
+How many warps of a block send or expand (dispatch) and reduce or gather (combine), how
+many consecutive tokens share one arrival flag, and whether dispatch moves rows with warp
+copies or through the bulk copy engine change speed but never results (benchmarks/NOTES.md
+#6-#8: the best choice differs per shape). The tuner times a few
 candidates on synthetic uniform routing of the buffer's own shape and keeps the fastest.
 It is a collective (SPEC section 1): every rank runs the same calls in the same order,
 the per-candidate times are gathered, and the choice — the candidate whose slowest rank
