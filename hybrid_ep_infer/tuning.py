@@ -84,18 +84,27 @@ def _measure(backend, group) -> tuple[dict[str, int], list[tuple[str, tuple, flo
 
     gathered = [None] * config.world_size
     dist.all_gather_object(gathered, times, group=group)
-    slowest = [max(rank_times[i] for rank_times in gathered) for i in range(len(times))]
-    report = [("dispatch", c, t) for c, t in zip(DISPATCH_CANDIDATES, slowest)]
-    report += [("combine", c, t) for c, t in zip(COMBINE_CANDIDATES, slowest[len(DISPATCH_CANDIDATES):])]
-    d = min(range(len(DISPATCH_CANDIDATES)), key=lambda i: slowest[i])
-    chosen = dict(zip(DISPATCH_FIELDS, DISPATCH_CANDIDATES[d]))
-    if y is not None:
-        combine_times = slowest[len(DISPATCH_CANDIDATES):]
-        k = min(range(len(COMBINE_CANDIDATES)), key=lambda i: combine_times[i])
-        chosen.update(zip(COMBINE_FIELDS, COMBINE_CANDIDATES[k]))
-    else:  # the defaults (attach set them; nothing has changed the combine fields yet)
+    chosen, report = choose(gathered)
+    if y is None:  # the defaults (attach set them; nothing has changed the combine fields yet)
         defaults = context.get_tuning()
         chosen.update((name, defaults[name]) for name in COMBINE_FIELDS)
+    return chosen, report
+
+
+def choose(gathered: list[list[float]]) -> tuple[dict[str, int], list[tuple[str, tuple, float]]]:
+    """From every rank's times (µs) of the dispatch candidates, then, if tuned, the combine
+    candidates: per op the candidate whose slowest rank is fastest (the first of equals),
+    and the report of every candidate's slowest time. Every rank passes the same gathered
+    lists, so every rank chooses the same."""
+    slowest = [max(rank_times[i] for rank_times in gathered) for i in range(len(gathered[0]))]
+    dispatch_times, combine_times = slowest[:len(DISPATCH_CANDIDATES)], slowest[len(DISPATCH_CANDIDATES):]
+    report = [("dispatch", c, t) for c, t in zip(DISPATCH_CANDIDATES, dispatch_times)]
+    report += [("combine", c, t) for c, t in zip(COMBINE_CANDIDATES, combine_times)]
+    d = min(range(len(dispatch_times)), key=lambda i: dispatch_times[i])
+    chosen = dict(zip(DISPATCH_FIELDS, DISPATCH_CANDIDATES[d]))
+    if combine_times:
+        k = min(range(len(combine_times)), key=lambda i: combine_times[i])
+        chosen.update(zip(COMBINE_FIELDS, COMBINE_CANDIDATES[k]))
     return chosen, report
 
 
