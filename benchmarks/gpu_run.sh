@@ -10,6 +10,8 @@
 #   BENCH_CONFIGS="decode qwen-2048" BENCH_ARGS="--ranks 2" bash benchmarks/gpu_run.sh bench
 #   bash benchmarks/gpu_run.sh breakdown   # per-kernel times and the tuner's table at the four benchmark
 #                                          # shapes (benchmarks/breakdown.py, all GPUs), $OUT/breakdown.txt
+#   BREAKDOWN_LIBS="build/libhybrid_ep_infer.so variants/a.so" BREAKDOWN_ARGS="--no-tune --tuning 2,4,1,0,13,4" \
+#     bash benchmarks/gpu_run.sh breakdown # the same for several builds of the library (A/B)
 #   bash benchmarks/gpu_run.sh smoke slow  # several tiers in one call, stopping at the first failure
 #                                          # (slow: only the tests that smoke leaves out)
 #   TESTS=tests/test_cuda_combine.py bash benchmarks/gpu_run.sh smoke   # a subset of files
@@ -44,15 +46,17 @@ fi
 export HYBRID_EP_INFER_LIBRARY=$PWD/build/libhybrid_ep_infer.so HYBRID_EP_INFER_EXPECT_LIBRARY=1
 
 run_breakdown() {
-  local status=0 shape
-  # the prefill-7168, mixtral-4096 and qwen-2048 shapes of hybrid_ep_infer/bench/configs.py, and
-  # 128 tokens per rank at H=7168 (decode's n=128; its buffer there holds 256)
-  for shape in "" "--hidden 4096 --local-experts 2 --top-k 2" "--hidden 2048 --local-experts 32 --top-k 8" "--tokens 128"; do
-    echo "== breakdown: ${shape:-prefill shape}"
-    # shellcheck disable=SC2086
-    timeout 120 python3 benchmarks/breakdown.py $shape ${BREAKDOWN_ARGS:-} 2>&1 |
-      grep -v -e UserWarning -e "return func" -e _warn_once
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  local status=0 shape lib
+  for lib in ${BREAKDOWN_LIBS:-$HYBRID_EP_INFER_LIBRARY}; do
+    # the prefill-7168, mixtral-4096 and qwen-2048 shapes of hybrid_ep_infer/bench/configs.py, and
+    # 128 tokens per rank at H=7168 (decode's n=128; its buffer there holds 256)
+    for shape in "" "--hidden 4096 --local-experts 2 --top-k 2" "--hidden 2048 --local-experts 32 --top-k 8" "--tokens 128"; do
+      echo "== breakdown: $lib ${shape:-(prefill shape)}"
+      # shellcheck disable=SC2086
+      HYBRID_EP_INFER_LIBRARY=$(realpath "$lib") timeout 120 python3 benchmarks/breakdown.py $shape ${BREAKDOWN_ARGS:-} 2>&1 |
+        grep -v -e UserWarning -e "return func" -e _warn_once
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    done
   done
   return $status
 }
