@@ -15,6 +15,7 @@
 #   bash benchmarks/gpu_run.sh smoke slow  # several tiers in one call, stopping at the first failure
 #                                          # (slow: only the tests that smoke leaves out)
 #   TESTS=tests/test_cuda_combine.py bash benchmarks/gpu_run.sh smoke   # a subset of files
+#   HYBRID_EP_INFER_LIBRARY=$PWD/variants/x.so bash benchmarks/gpu_run.sh smoke   # another build
 #
 # More than 8 files under $OUT are packed into $OUT/logs.tgz at the end (results.md,
 # results.json and machine.txt stay beside it).
@@ -43,7 +44,9 @@ if [ ! -f build/libhybrid_ep_infer.so ]; then
     cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release >"$OUT/build.log" 2>&1 &&
     cmake --build build >>"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 fi
-export HYBRID_EP_INFER_LIBRARY=$PWD/build/libhybrid_ep_infer.so HYBRID_EP_INFER_EXPECT_LIBRARY=1
+# Another build (an A/B variant) if the caller names one.
+export HYBRID_EP_INFER_LIBRARY=${HYBRID_EP_INFER_LIBRARY:-$PWD/build/libhybrid_ep_infer.so} HYBRID_EP_INFER_EXPECT_LIBRARY=1
+echo "library: $HYBRID_EP_INFER_LIBRARY" | tee -a "$OUT/machine.txt"
 
 run_breakdown() {
   local status=0 shape lib
