@@ -217,6 +217,7 @@ hep_status_t hep_context_attach(hep_context_t* context, const hep_buffer_desc_t*
     hep::DeviceGuard guard(context->device);
     HEP_CUDA_CALL(guard.status());
     HEP_CUDA_CALL(hep::prepare_transfer_kernel());
+    HEP_CUDA_CALL(hep::prepare_place_kernel());
   }
   context->desc = *desc;
   context->sizes = hep::make_sizes(*desc);

@@ -58,8 +58,10 @@ struct DispatchParams {
 
 cudaError_t launch_dispatch(const DispatchParams& params, cudaStream_t stream);
 cudaError_t launch_transfer_kernel(const DispatchParams& params, cudaStream_t stream);  // dispatch_copy.cu
-// Once per device before the first launch (shared-memory limit of the copy-engine paths).
+// Once per device before the first launch (shared-memory limits: the copy-engine paths,
+// place's per-expert tables).
 cudaError_t prepare_transfer_kernel();
+cudaError_t prepare_place_kernel();  // dispatch_plan.cu
 
 // Routing slot of (parity, source) inside a workspace.
 struct RoutingSlotView {

@@ -33,19 +33,32 @@ __global__ void __launch_bounds__(kPublishThreads) publish_routing_kernel(const 
     }
   }
 
-  // This rank's routing rows, sanitized once, written to every peer's slot.
+  // This rank's routing rows, sanitized once, written to every peer's slot: a tile of
+  // blockDim.x tokens is sanitized into shared memory, then copied out with consecutive
+  // threads on consecutive words, so each warp store to a peer is one coalesced NVLink
+  // write instead of 32 scattered 4-byte ones.
+  __shared__ int32_t tile[kPublishThreads * kMaxTopK];
   uint32_t invalid = 0, repeated = 0;
   const IndexT* ids = static_cast<const IndexT*>(p.topk_idx);
-  for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < n; t += gridDim.x * blockDim.x) {
-    int32_t kept[kMaxTopK];
-    sanitize_row(ids + (int64_t)t * K, K, s.num_experts, kept, invalid, repeated);
+  // (t0 depends on the block only: every thread makes the same trips, as the barriers need.)
+  for (int t0 = blockIdx.x * blockDim.x; t0 < n; t0 += gridDim.x * blockDim.x) {
+    const int t = t0 + threadIdx.x;
+    if (t < n) {
+      int32_t kept[kMaxTopK];
+      sanitize_row(ids + (int64_t)t * K, K, s.num_experts, kept, invalid, repeated);
+      for (int k = 0; k < K; ++k) tile[threadIdx.x * K + k] = kept[k];
+    }
+    __syncthreads();
+    const int cells = min(n - t0, static_cast<int>(blockDim.x)) * K;
+    const float* weights = p.topk_weights + (int64_t)t0 * K;
     for (int r = 0; r < s.world; ++r) {
       RoutingSlotView slot = routing_slot(p.peers[r], s, p.off, parity, s.rank);
-      for (int k = 0; k < K; ++k) {
-        slot.ids[(int64_t)t * K + k] = kept[k];
-        slot.weights[(int64_t)t * K + k] = p.topk_weights[(int64_t)t * K + k];
+      for (int i = threadIdx.x; i < cells; i += blockDim.x) {
+        slot.ids[(int64_t)t0 * K + i] = tile[i];
+        slot.weights[(int64_t)t0 * K + i] = weights[i];
       }
     }
+    __syncthreads();  // the tile is refilled next trip
   }
   if (blockIdx.x == 0 && threadIdx.x < s.world) {
     *routing_slot(p.peers[threadIdx.x], s, p.off, parity, s.rank).n = n;
@@ -70,6 +83,7 @@ __global__ void __launch_bounds__(kPublishThreads) publish_routing_kernel(const 
 
 constexpr int kScanThreads = 256;
 constexpr int kScanWarps = kScanThreads / 32;
+constexpr int kScanBatch = 8;  // tiles of 32 tokens whose id loads a warp issues together
 
 // Columns a rank needs: (this rank, every expert) for its own tokens, and
 // (every other source, each local expert) for the rows it receives.
@@ -126,34 +140,65 @@ __global__ void __launch_bounds__(kScanThreads) scan_kernel(const __grid_constan
   RoutingSlotView slot = routing_slot(p.local, s, p.off, parity, source);
   const int n = *slot.n;
   int32_t* prefix = at<int32_t>(p.local, p.off.prefix) + (int64_t)source * s.max_tokens * K;
+  // The rank of a row depends on the rows before it (running), but the loads of ids do
+  // not: each trip loads kScanBatch tiles of 32 tokens before any store, so their
+  // latencies overlap instead of forming a chain of n / 32 loads (the stores to prefix
+  // would otherwise keep the compiler from moving later loads up).
   int32_t running = 0;
-  for (int t0 = 0; t0 < n; t0 += 32) {
-    const int t = t0 + lane;
-    int found = -1;
-    if (t < n) {
-      for (int k = 0; k < K; ++k) found = slot.ids[(int64_t)t * K + k] == expert ? k : found;
+  for (int t0 = 0; t0 < n; t0 += 32 * kScanBatch) {
+    int found[kScanBatch];
+#pragma unroll
+    for (int b = 0; b < kScanBatch; ++b) {
+      const int t = t0 + b * 32 + lane;
+      found[b] = -1;
+      if (t < n) {
+        for (int k = 0; k < K; ++k) found[b] = slot.ids[(int64_t)t * K + k] == expert ? k : found[b];
+      }
     }
-    const uint32_t mask = __ballot_sync(0xffffffffu, found >= 0);
-    if (found >= 0) prefix[(int64_t)t * K + found] = running + __popc(mask & ((1u << lane) - 1));
-    running += __popc(mask);
+#pragma unroll
+    for (int b = 0; b < kScanBatch; ++b) {
+      const int t = t0 + b * 32 + lane;
+      const uint32_t mask = __ballot_sync(0xffffffffu, found[b] >= 0);
+      if (found[b] >= 0) prefix[(int64_t)t * K + found[b]] = running + __popc(mask & ((1u << lane) - 1));
+      running += __popc(mask);
+    }
   }
 }
 
 // ---------------------------------------------------------------------------- 3. place
 
 constexpr int kPlaceThreads = 256;
+constexpr int kPlaceBatch = 8;  // routing slots of a token whose loads are issued together
 
-// Rows written per expert and row offsets, for every destination (capacity applied
-// in expert order, SPEC section 3). Shared memory: written [W*L], offsets [W*(L+1)].
-__device__ void compute_placement(const DispatchParams& p, int32_t* written, int32_t* offsets) {
+// What every block of place needs from the histogram, in shared memory:
+//   written [W*L]      rows written per (destination, local expert) (capacity applied in
+//                      expert order, SPEC section 3)
+//   offsets [W*(L+1)]  first row of each of them (contiguous layout)
+//   before_here [W*L]  rows of this rank's local expert e from sources before src
+//   before_mine [E]    rows of expert g from sources before this rank
+// One thread per expert sums its column of hist (the sums are independent, so the
+// loads overlap), then one thread per destination lays its experts out from those
+// totals in shared memory.
+__device__ void compute_placement(const DispatchParams& p, int32_t* written, int32_t* offsets, int32_t* before_here,
+                                  int32_t* before_mine) {
   const Sizes& s = p.sizes;
   const int L = s.local_experts;
   const int32_t* hist = at<const int32_t>(p.local, p.off.hist);
+  for (int g = threadIdx.x; g < s.num_experts; g += blockDim.x) {
+    const bool local = g / L == s.rank;
+    int32_t rows = 0;
+    for (int src = 0; src < s.world; ++src) {
+      if (src == s.rank) before_mine[g] = rows;
+      if (local) before_here[src * L + g % L] = rows;
+      rows += hist[(int64_t)src * s.num_experts + g];
+    }
+    written[g] = rows;  // all rows of expert g = (g / L, g % L); capacity applied below
+  }
+  __syncthreads();
   for (int r = threadIdx.x; r < s.world; r += blockDim.x) {
     int32_t offset = 0;
     for (int e = 0; e < L; ++e) {
-      int32_t rows = 0;
-      for (int src = 0; src < s.world; ++src) rows += hist[(int64_t)src * s.num_experts + r * L + e];
+      const int32_t rows = written[r * L + e];
       int32_t fit;
       if (s.batched) {
         fit = min(rows, s.capacity);
@@ -167,13 +212,6 @@ __device__ void compute_placement(const DispatchParams& p, int32_t* written, int
     if (!s.batched) offsets[r * (L + 1) + L] = offset;
   }
   __syncthreads();
-}
-
-// Rows of `expert` from sources before `source`.
-__device__ __forceinline__ int32_t rows_before(const Sizes& s, const int32_t* hist, int source, int expert) {
-  int32_t rows = 0;
-  for (int src = 0; src < source; ++src) rows += hist[(int64_t)src * s.num_experts + expert];
-  return rows;
 }
 
 // Row slot of rank-in-expert j of local expert e on destination r, or -1 if dropped.
@@ -194,12 +232,13 @@ __global__ void __launch_bounds__(kPlaceThreads) place_kernel(const __grid_const
   const int parity = static_cast<int>(epoch & 1);
   const int W = s.world, K = s.top_k, L = s.local_experts, T = s.max_tokens;
 
-  extern __shared__ int32_t shared[];
-  int32_t* written = shared;             // [W * L]
-  int32_t* offsets = shared + W * L;     // [W * (L + 1)]
-  compute_placement(p, written, offsets);
+  extern __shared__ int32_t shared[];  // place_shared_bytes
+  int32_t* written = shared;                      // [W * L]
+  int32_t* offsets = written + W * L;             // [W * (L + 1)]
+  int32_t* before_here = offsets + W * (L + 1);   // [W * L]
+  int32_t* before_mine = before_here + W * L;     // [E]
+  compute_placement(p, written, offsets, before_here, before_mine);
 
-  const int32_t* hist = at<const int32_t>(p.local, p.off.hist);
   const int32_t* prefix = at<const int32_t>(p.local, p.off.prefix);
   int32_t* send_row = at<int32_t>(p.local, p.off.send_row);
   int32_t* row_of = at<int32_t>(p.local, p.off.row_of);
@@ -219,38 +258,49 @@ __global__ void __launch_bounds__(kPlaceThreads) place_kernel(const __grid_const
       first_row[(int64_t)source * T + t] = -1;
       continue;
     }
-    // As destination: this rank's rows of (source, t).
+    // As sender (source == this rank): the first row of my token t on every destination.
+    int32_t* send = source == s.rank ? send_row + (int64_t)t * W : nullptr;
+    if (send != nullptr) {
+      for (int r = 0; r < W; ++r) send[r] = -1;
+    }
+    // As destination: this rank's rows of (source, t). The slots' ids and ranks are
+    // loaded kPlaceBatch at a time before any use, so their latencies overlap (the stores
+    // below would otherwise keep the compiler from moving the loads up).
     int32_t first = INT_MAX;
-    for (int k = 0; k < K; ++k) {
-      const int32_t g = slot.ids[(int64_t)t * K + k];
-      int32_t row = -1;
-      if (g >= first_local && g < first_local + L) {
-        const int e = g - first_local;
-        row = row_slot(s, written, offsets, s.rank, e, rows_before(s, hist, source, g) + prefix[cell + k]);
-        if (row < 0) {
-          ++overflow;
-        } else {
-          weights_out[row] = slot.weights[(int64_t)t * K + k];
-          row_expert[row] = e;
-          first = min(first, row);
+    for (int k0 = 0; k0 < K; k0 += kPlaceBatch) {
+      int32_t ids[kPlaceBatch], ranks[kPlaceBatch];
+#pragma unroll
+      for (int j = 0; j < kPlaceBatch; ++j) {
+        const bool in = k0 + j < K;
+        ids[j] = in ? slot.ids[(int64_t)t * K + k0 + j] : -1;
+        ranks[j] = in ? prefix[cell + k0 + j] : 0;  // meaningful only where read below
+      }
+#pragma unroll
+      for (int j = 0; j < kPlaceBatch; ++j) {
+        const int k = k0 + j;
+        if (k >= K) break;
+        const int32_t g = ids[j];
+        int32_t row = -1;
+        if (g >= first_local && g < first_local + L) {
+          const int e = g - first_local;
+          row = row_slot(s, written, offsets, s.rank, e, before_here[source * L + e] + ranks[j]);
+          if (row < 0) {
+            ++overflow;
+          } else {
+            weights_out[row] = slot.weights[(int64_t)t * K + k];
+            row_expert[row] = e;
+            first = min(first, row);
+          }
+        }
+        row_of[cell + k] = row;
+        if (send != nullptr && g >= 0) {
+          const int r = g / L;
+          const int32_t sent = row_slot(s, written, offsets, r, g % L, before_mine[g] + ranks[j]);
+          if (sent >= 0 && (send[r] < 0 || sent < send[r])) send[r] = sent;
         }
       }
-      row_of[cell + k] = row;
     }
     first_row[(int64_t)source * T + t] = first == INT_MAX ? -1 : first;
-
-    // As sender: the first row of my token t on every destination.
-    if (source == s.rank) {
-      int32_t* send = send_row + (int64_t)t * W;
-      for (int r = 0; r < W; ++r) send[r] = -1;
-      for (int k = 0; k < K; ++k) {
-        const int32_t g = slot.ids[(int64_t)t * K + k];
-        if (g < 0) continue;
-        const int r = g / L;
-        const int32_t row = row_slot(s, written, offsets, r, g % L, rows_before(s, hist, source, g) + prefix[cell + k]);
-        if (row >= 0 && (send[r] < 0 || row < send[r])) send[r] = row;
-      }
-    }
   }
   add_block_counts(overflow, 0, &p.errors->counts[HEP_ERROR_CAPACITY_OVERFLOW], nullptr);
 
@@ -285,6 +335,24 @@ __global__ void __launch_bounds__(kPlaceThreads) place_kernel(const __grid_const
 
 // ---------------------------------------------------------------------------- launch
 
+// written, offsets, before_here (W*L each, offsets W more) and before_mine (E = W*L).
+static size_t place_shared_bytes(const Sizes& s) {
+  return sizeof(int32_t) * (4 * (size_t)s.num_experts + s.world);
+}
+
+// Above 48 KB of shared memory for very many experts: the device's opt-in limit less
+// what the kernel declares statically (its block reduction).
+cudaError_t prepare_place_kernel() {
+  int device = 0, optin = 0;
+  cudaFuncAttributes attributes{};
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attributes, place_kernel);
+  if (err != cudaSuccess) return err;
+  return cudaFuncSetAttribute(place_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              optin - static_cast<int>(attributes.sharedSizeBytes));
+}
+
 cudaError_t launch_dispatch(const DispatchParams& p, cudaStream_t stream) {
   const Sizes& s = p.sizes;
   if (p.idx_is_int64) {
@@ -295,8 +363,7 @@ cudaError_t launch_dispatch(const DispatchParams& p, cudaStream_t stream) {
   const int scan_blocks = s.world + (scan_columns(s) + kScanWarps - 1) / kScanWarps;
   scan_kernel<<<scan_blocks, kScanThreads, s.num_experts * sizeof(int32_t), stream>>>(p);
   const int place_blocks = static_cast<int>(((int64_t)s.world * s.max_tokens + kPlaceThreads - 1) / kPlaceThreads);
-  const size_t place_shared = sizeof(int32_t) * (2 * s.world * s.local_experts + s.world);
-  place_kernel<<<place_blocks, kPlaceThreads, place_shared, stream>>>(p);
+  place_kernel<<<place_blocks, kPlaceThreads, place_shared_bytes(s), stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   return launch_transfer_kernel(p, stream);
