@@ -2,7 +2,7 @@
 
     python benchmarks/breakdown.py [--ranks N] [--hidden 7168] [--tokens 4096] [--top-k 8]
                                    [--local-experts 8] [--num-sms 24 48 ...]
-                                   [--no-tune] [--tuning 4,1,0,0,13,1]
+                                   [--no-tune] [--tuning 4,1,0,0,13,1] [--fp8]
 
 Spawns one process per GPU, runs uniform routing, profiles 10 calls with
 torch.profiler and prints, for rank 0, the mean device time of each kernel and the
@@ -34,16 +34,24 @@ def worker(rank: int, args) -> None:
     W, H, T, K = args.ranks, args.hidden, args.tokens, args.top_k
     E = args.local_experts * W
     gen = torch.Generator().manual_seed(rank)
-    x = torch.randn(T, H, generator=gen).to(torch.bfloat16).cuda()
+    x = torch.randn(T, H, generator=gen).to(torch.bfloat16)
+    scales = None
+    if args.fp8:  # FP8 rows with one float32 scale per 128 columns (the benchmark's quantizer)
+        from hybrid_ep_infer.bench.workloads import quantize
+
+        x, scales = quantize(x)
+        scales = scales.cuda()
+    x = x.cuda()
     idx = torch.rand(T, E, generator=gen).argsort(dim=1)[:, :K].cuda()
     weights = torch.rand(T, K, generator=gen).cuda()
     dest = idx // args.local_experts
     off_gpu_rows = sum(int((dest == r).any(dim=1).sum()) for r in range(W) if r != rank)
-    off_gpu_bytes = off_gpu_rows * H * 2
+    row_bytes = H + H // 128 * 4 if args.fp8 else H * 2
+    off_gpu_bytes = off_gpu_rows * row_bytes
 
     for num_sms in args.num_sms:
         with EPBuffer(hidden=H, max_tokens=T, num_experts=E, top_k=K, backend="cuda", num_sms=num_sms,
-                      tune=not args.no_tune, timeout_s=args.timeout) as buf:
+                      dtype=x.dtype, tune=not args.no_tune, timeout_s=args.timeout) as buf:
             if args.tuning:
                 buf._backend.context.set_tuning(**dict(zip(TUNING_FIELDS, map(int, args.tuning.split(",")))))
             if rank == 0:
@@ -52,8 +60,8 @@ def worker(rank: int, args) -> None:
                 for op, candidate, us in (list(tuning.reports.values()) or [[]])[-1]:
                     print(f"  tuner {op:8s} {str(candidate):14s} {us:9.1f} us (slowest rank)")
                 print(f"  tuning in use: {buf._backend.context.get_tuning()}")
-            result = buf.dispatch(x, idx, weights)
-            y = result.hidden.clone()
+            result = buf.dispatch(x, idx, weights, scales=scales)
+            y = result.hidden.to(torch.bfloat16)  # combine takes bf16 rows (a copy)
             buf.combine(y, result.handle)
             torch.cuda.synchronize()
             dist.barrier()
@@ -64,7 +72,7 @@ def worker(rank: int, args) -> None:
                 dist.barrier()
                 torch.cuda.synchronize()
                 for _ in range(iters):
-                    result = buf.dispatch(x, idx, weights)
+                    result = buf.dispatch(x, idx, weights, scales=scales)
                     buf.combine(y, result.handle)
                 torch.cuda.synchronize()
             dist.barrier()
@@ -76,7 +84,7 @@ def worker(rank: int, args) -> None:
                 if "hep::" in avg.key and device_us > 0:
                     totals[avg.key.rsplit("(", 1)[0].split("::")[-1]] += device_us / iters
             if rank == 0:
-                print(f"\n== {torch.cuda.get_device_name(0)}, W={W} H={H} T={T} E={E} K={K} bf16 uniform, "
+                print(f"\n== {torch.cuda.get_device_name(0)}, W={W} H={H} T={T} E={E} K={K} {'fp8' if args.fp8 else 'bf16'} uniform, "
                       f"num_sms={num_sms}; rank 0 sends {off_gpu_bytes / 1e6:.1f} MB off-GPU per dispatch")
                 for name, us in sorted(totals.items(), key=lambda kv: -kv[1]):
                     extra = ""
@@ -94,6 +102,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--local-experts", type=int, default=8)
+    parser.add_argument("--fp8", action="store_true", help="FP8 rows with scales instead of bf16")
     parser.add_argument("--num-sms", type=int, nargs="+", default=[24])
     parser.add_argument("--timeout", type=float, default=100.0, help="EPBuffer timeout_s")
     parser.add_argument("--rank", type=int, help="run only this rank (the others are started separately, "

@@ -108,7 +108,8 @@ class EPBuffer:
             it are dropped and counted (see :meth:`check_errors`).
         num_sms: CUDA backend: blocks (one per SM) of each of the two copy kernels —
             dispatch's transfer and combine (``None``: 24); at most the device's SM
-            count. The small planning kernels are sized by the work.
+            count. Dispatch's planning kernels use at most as many blocks, except
+            the routing publish (16 blocks).
         timeout_s: bound on every wait for a peer (CUDA backend).
         tune: CUDA backend: time a few splits of the copy kernels' warps, chunk sizes
             and copy methods on synthetic routing of this shape at construction and

@@ -23,10 +23,10 @@ from moe_cases import Case, make_inputs
 GPU_ROUTINGS = ("random", "skewed", "masked", "invalid", "repeated", "empty_rank", "ragged")
 
 
-def check_case(rank: int, case: Case, num_tokens: str = "int") -> None:
+def check_case(rank: int, case: Case, num_tokens: str = "int", **buffer_kw) -> None:
     device = torch.device("cuda", rank)
     inp = to_device(make_inputs(case)[rank], device)
-    with make_buffer(case, "cuda") as cud, make_buffer(case, "reference", device=device) as ref:
+    with make_buffer(case, "cuda", **buffer_kw) as cud, make_buffer(case, "reference", device=device) as ref:
         for attempt in range(2):  # the second call checks that a call leaves nothing stale behind
             poison(cud)
             got = dispatch(cud, inp, num_tokens)
@@ -189,6 +189,10 @@ def smoke_worker(rank: int, world_size: int) -> None:
     torch.cuda.set_device(rank)
     for i, case in enumerate(smoke_cases(world_size)):
         check_case(rank, case, ("int", "device", "default")[i % 3])
+    # One block per kernel: scan's block counts every source and its warps rank several
+    # columns each, place's threads take several (source, token) items (grid-stride paths).
+    one_block = dataclasses.replace(smoke_cases(world_size)[0], max_tokens=512, routing="skewed", seed=5)
+    check_case(rank, one_block, "device", num_sms=1)
     run_graph_replay(rank, world_size, replays=100)
     run_missing_peer(rank, world_size)
     assert mapped_peer_buffers() == 0, "closed buffers left peer mappings behind"

@@ -1,4 +1,5 @@
 // Dispatch, first half: routing exchange and placement (kernels 1-3 of dispatch.cuh).
+#include <algorithm>
 #include <climits>
 
 #include "common/ptx.cuh"
@@ -103,56 +104,56 @@ __device__ __forceinline__ void scan_column(int c, const Sizes& s, int& source, 
   }
 }
 
-// Blocks [0, W): histogram of source `blockIdx.x`'s rows per expert.
-// Blocks [W, ...): one warp per needed column, ranking rows in token order.
-__global__ void __launch_bounds__(kScanThreads) scan_kernel(const __grid_constant__ DispatchParams p) {
+// Histogram of one source's rows per expert (the whole block; counts in shared memory).
+__device__ void count_source(const DispatchParams& p, int parity, int source, int32_t* counts) {
   const Sizes& s = p.sizes;
-  const uint64_t epoch = current_epoch(p);
-  const int parity = static_cast<int>(epoch & 1);
-  const int K = s.top_k;
-  if (!block_wait_all_peers(at<uint64_t>(p.local, p.off.meta_arrivals), s.world, epoch * kPublishBlocks,
-                            wait_context(p), kPhaseDispatchRouting)) {
-    return;
-  }
-
-  if (blockIdx.x < s.world) {
-    extern __shared__ int32_t counts[];  // [E]
-    const int source = blockIdx.x;
-    for (int g = threadIdx.x; g < s.num_experts; g += blockDim.x) counts[g] = 0;
-    __syncthreads();
-    RoutingSlotView slot = routing_slot(p.local, s, p.off, parity, source);
-    const int64_t cells = (int64_t)*slot.n * K;
-    for (int64_t i = threadIdx.x; i < cells; i += blockDim.x) {
-      const int32_t g = slot.ids[i];
-      if (g >= 0) atomicAdd(&counts[g], 1);
+  for (int g = threadIdx.x; g < s.num_experts; g += blockDim.x) counts[g] = 0;
+  __syncthreads();
+  RoutingSlotView slot = routing_slot(p.local, s, p.off, parity, source);
+  const int64_t cells = (int64_t)*slot.n * s.top_k;
+  // kScanBatch ids loaded per thread before the atomics (a load per trip would make
+  // cells / blockDim.x loads in a chain: most of the scan's time at 4096 tokens).
+  for (int64_t i0 = threadIdx.x; i0 < cells; i0 += (int64_t)blockDim.x * kScanBatch) {
+    int32_t ids[kScanBatch];
+#pragma unroll
+    for (int b = 0; b < kScanBatch; ++b) {
+      const int64_t i = i0 + (int64_t)b * blockDim.x;
+      ids[b] = i < cells ? slot.ids[i] : -1;
     }
-    __syncthreads();
-    int32_t* hist = at<int32_t>(p.local, p.off.hist) + (int64_t)source * s.num_experts;
-    for (int g = threadIdx.x; g < s.num_experts; g += blockDim.x) hist[g] = counts[g];
-    return;
+#pragma unroll
+    for (int b = 0; b < kScanBatch; ++b) {
+      if (ids[b] >= 0) atomicAdd(&counts[ids[b]], 1);
+    }
   }
+  __syncthreads();
+  int32_t* hist = at<int32_t>(p.local, p.off.hist) + (int64_t)source * s.num_experts;
+  for (int g = threadIdx.x; g < s.num_experts; g += blockDim.x) hist[g] = counts[g];
+  __syncthreads();  // counts is reused by the block's next source
+}
 
-  const int lane = threadIdx.x % 32;
-  const int column = (blockIdx.x - s.world) * kScanWarps + threadIdx.x / 32;
-  if (column >= scan_columns(s)) return;
+// Rank in token order of every row of one column (one warp).
+__device__ void rank_column(const DispatchParams& p, int parity, int column, int lane) {
+  const Sizes& s = p.sizes;
+  const int K = s.top_k;
   int source, expert;
   scan_column(column, s, source, expert);
   RoutingSlotView slot = routing_slot(p.local, s, p.off, parity, source);
   const int n = *slot.n;
   int32_t* prefix = at<int32_t>(p.local, p.off.prefix) + (int64_t)source * s.max_tokens * K;
   // The rank of a row depends on the rows before it (running), but the loads of ids do
-  // not: each trip loads kScanBatch tiles of 32 tokens before any store, so their
-  // latencies overlap instead of forming a chain of n / 32 loads (the stores to prefix
-  // would otherwise keep the compiler from moving later loads up).
+  // not: each trip loads kScanBatch tiles of 32 tokens before any store, slot k of all
+  // tiles together (the inner loop is unrolled over tiles, K is known only at run time),
+  // so the latencies overlap instead of forming a chain of n / 32 loads.
   int32_t running = 0;
   for (int t0 = 0; t0 < n; t0 += 32 * kScanBatch) {
     int found[kScanBatch];
 #pragma unroll
-    for (int b = 0; b < kScanBatch; ++b) {
-      const int t = t0 + b * 32 + lane;
-      found[b] = -1;
-      if (t < n) {
-        for (int k = 0; k < K; ++k) found[b] = slot.ids[(int64_t)t * K + k] == expert ? k : found[b];
+    for (int b = 0; b < kScanBatch; ++b) found[b] = -1;
+    for (int k = 0; k < K; ++k) {
+#pragma unroll
+      for (int b = 0; b < kScanBatch; ++b) {
+        const int t = t0 + b * 32 + lane;
+        if (t < n && slot.ids[(int64_t)t * K + k] == expert) found[b] = k;
       }
     }
 #pragma unroll
@@ -162,6 +163,28 @@ __global__ void __launch_bounds__(kScanThreads) scan_kernel(const __grid_constan
       if (found[b] >= 0) prefix[(int64_t)t * K + found[b]] = running + __popc(mask & ((1u << lane) - 1));
       running += __popc(mask);
     }
+  }
+}
+
+// Block b counts sources b, b + B, ... (B = gridDim.x); the warps rank the needed columns,
+// handed out from block W on, so that with enough blocks (W + columns / kScanWarps) the
+// counting blocks rank nothing and every warp ranks at most one column.
+__global__ void __launch_bounds__(kScanThreads) scan_kernel(const __grid_constant__ DispatchParams p) {
+  const Sizes& s = p.sizes;
+  const uint64_t epoch = current_epoch(p);
+  const int parity = static_cast<int>(epoch & 1);
+  if (!block_wait_all_peers(at<uint64_t>(p.local, p.off.meta_arrivals), s.world, epoch * kPublishBlocks,
+                            wait_context(p), kPhaseDispatchRouting)) {
+    return;
+  }
+  extern __shared__ int32_t counts[];  // [E]
+  for (int source = blockIdx.x; source < s.world; source += gridDim.x) count_source(p, parity, source, counts);
+
+  const int counting_blocks = min(s.world, static_cast<int>(gridDim.x));
+  const int order = (blockIdx.x + gridDim.x - counting_blocks) % gridDim.x;  // blocks W.. first
+  const int warps = gridDim.x * kScanWarps;
+  for (int column = order * kScanWarps + threadIdx.x / 32; column < scan_columns(s); column += warps) {
+    rank_column(p, parity, column, threadIdx.x % 32);
   }
 }
 
@@ -360,9 +383,11 @@ cudaError_t launch_dispatch(const DispatchParams& p, cudaStream_t stream) {
   } else {
     publish_routing_kernel<int32_t><<<kPublishBlocks, kPublishThreads, 0, stream>>>(p);
   }
-  const int scan_blocks = s.world + (scan_columns(s) + kScanWarps - 1) / kScanWarps;
+  // The planning kernels use at most num_sms blocks, as the copy kernels do.
+  const int scan_blocks = min(s.world + (scan_columns(s) + kScanWarps - 1) / kScanWarps, p.blocks);
   scan_kernel<<<scan_blocks, kScanThreads, s.num_experts * sizeof(int32_t), stream>>>(p);
-  const int place_blocks = static_cast<int>(((int64_t)s.world * s.max_tokens + kPlaceThreads - 1) / kPlaceThreads);
+  const int place_blocks =
+      static_cast<int>(std::min<int64_t>(((int64_t)s.world * s.max_tokens + kPlaceThreads - 1) / kPlaceThreads, p.blocks));
   place_kernel<<<place_blocks, kPlaceThreads, place_shared_bytes(s), stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
