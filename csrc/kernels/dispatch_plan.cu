@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(kPublishThreads) publish_routing_kernel(const 
 
 constexpr int kScanThreads = 256;
 constexpr int kScanWarps = kScanThreads / 32;
-constexpr int kScanBatch = 8;  // tiles of 32 tokens whose id loads a warp issues together
+constexpr int kScanBatch = 8;  // loads a thread issues together: ids (histogram), 32-token tiles (columns)
 
 // Columns a rank needs: (this rank, every expert) for its own tokens, and
 // (every other source, each local expert) for the rows it receives.
