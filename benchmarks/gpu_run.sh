@@ -16,6 +16,7 @@
 #                                          # (slow: only the tests that smoke leaves out)
 #   TESTS=tests/test_cuda_combine.py bash benchmarks/gpu_run.sh smoke   # a subset of files
 #   HYBRID_EP_INFER_LIBRARY=$PWD/variants/x.so bash benchmarks/gpu_run.sh smoke   # another build
+#                                          # (benchmarks/build_variant.sh builds a git ref into variants/)
 #
 # More than 8 files under $OUT are packed into $OUT/logs.tgz at the end (results.md,
 # results.json and machine.txt stay beside it).
