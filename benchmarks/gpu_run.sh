@@ -12,6 +12,8 @@
 #                                          # shapes (benchmarks/breakdown.py, all GPUs), $OUT/breakdown.txt
 #   BREAKDOWN_LIBS="build/libhybrid_ep_infer.so variants/a.so" BREAKDOWN_ARGS="--no-tune --tuning 2,4,1,0,13,4" \
 #     bash benchmarks/gpu_run.sh breakdown # the same for several builds of the library (A/B)
+#   bash benchmarks/gpu_run.sh ceiling     # what SMs and copy engines can write to the other GPUs at once
+#                                          # (benchmarks/nvlink_ceiling.cu, all GPUs), $OUT/ceiling.txt
 #   bash benchmarks/gpu_run.sh smoke slow  # several tiers in one call, stopping at the first failure
 #                                          # (slow: only the tests that smoke leaves out)
 #   TESTS=tests/test_cuda_combine.py bash benchmarks/gpu_run.sh smoke   # a subset of files
@@ -65,6 +67,14 @@ run_breakdown() {
   return $status
 }
 
+run_ceiling() {
+  if [ ! -x build/nvlink_ceiling ]; then
+    nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Icsrc -Icsrc/include benchmarks/nvlink_ceiling.cu \
+      -o build/nvlink_ceiling || return 1
+  fi
+  timeout "${CEILING_TIMEOUT:-300}" build/nvlink_ceiling ${CEILING_ARGS:-}
+}
+
 run_bench() {
   local configs=${BENCH_CONFIGS:-decode qwen-2048 mixtral-4096 prefill-7168} files=() status=0
   for config in $configs; do
@@ -84,8 +94,9 @@ for tier in "${tiers[@]}"; do
     slow) markers="gpu and slow" ;;
     full) markers="gpu" ;;
     bench) run_bench; status=$?; [ "$status" -eq 0 ] || break; continue ;;
+    ceiling) run_ceiling 2>&1 | tee "$OUT/ceiling.txt"; status=${PIPESTATUS[0]}; [ "$status" -eq 0 ] || break; continue ;;
     breakdown) run_breakdown 2>&1 | tee "$OUT/breakdown.txt"; status=${PIPESTATUS[0]}; [ "$status" -eq 0 ] || break; continue ;;
-    *) echo "unknown tier $tier (smoke, slow, full, bench, breakdown)"; exit 2 ;;
+    *) echo "unknown tier $tier (smoke, slow, full, bench, breakdown, ceiling)"; exit 2 ;;
   esac
   echo "== $tier: pytest -m '$markers'"
   python3 -m pytest ${TESTS:-tests} -m "$markers" -q -rs -s -x --junitxml="$OUT/pytest-$tier.xml" 2>&1 | tee "$OUT/pytest-$tier.log"
