@@ -29,3 +29,21 @@ def test_bench_runs_on_cpu(tmp_path):
     for r in records:
         assert REQUIRED <= set(r), r
         assert r["time_us"] > 0
+
+
+def test_nvlink_ceiling_tool_compiles(tmp_path):
+    """benchmarks/nvlink_ceiling.cu (run by `gpu_run.sh ceiling` on GPU machines) still builds
+    against csrc/common: compiled here with nvcc, as gpu_run.sh compiles it there."""
+    import shutil
+
+    import pytest
+
+    root = Path(__file__).resolve().parent.parent
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    done = subprocess.run([nvcc, "-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Icsrc",
+                           "-Icsrc/include", "benchmarks/nvlink_ceiling.cu", "-o", str(tmp_path / "nvlink_ceiling")],
+                          capture_output=True, text=True, timeout=600, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "nvlink_ceiling").stat().st_size > 0
