@@ -12,7 +12,8 @@
 #                                          # shapes (benchmarks/breakdown.py, all GPUs), $OUT/breakdown.txt
 #   BREAKDOWN_LIBS="build/libhybrid_ep_infer.so variants/a.so" BREAKDOWN_ARGS="--no-tune --tuning 2,4,1,0,13,4" \
 #     bash benchmarks/gpu_run.sh breakdown # the same for several builds of the library (A/B)
-#   bash benchmarks/gpu_run.sh ceiling     # what SMs and copy engines can write to the other GPUs at once
+#   bash benchmarks/gpu_run.sh ceiling     # what SMs and copy engines write to all other GPUs at once, and
+#                                          # the cost of one exchange step (write + release + acquire)
 #                                          # (benchmarks/nvlink_ceiling.cu, all GPUs), $OUT/ceiling.txt
 #   bash benchmarks/gpu_run.sh smoke slow  # several tiers in one call, stopping at the first failure
 #                                          # (slow: only the tests that smoke leaves out)

@@ -11,6 +11,11 @@
 // --reps, all GPUs released together by a host flag). For benchmarks/NOTES.md: is the
 // transfer kernel below the link, or below what SMs can drive?
 //
+// Then the cost of one exchange step, the unit of the small-batch (decode) path: every
+// GPU writes N bytes to every other GPU, each block releases a counter on each peer
+// (fence + red.release.sys, as publish does), and every block waits (ld.acquire.sys) for
+// every peer's blocks before the next step; time per step, averaged over 200 steps.
+//
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Icsrc -Icsrc/include \
 //        benchmarks/nvlink_ceiling.cu -o nvlink_ceiling && ./nvlink_ceiling [MB per peer]
 #include <algorithm>
@@ -59,9 +64,9 @@ __device__ __forceinline__ void piece_address(const Job& j, int64_t p, char*& ds
   src = j.src + (int64_t)q * j.bytes_per_peer + off;
 }
 
-__device__ bool wait_gate(const Job& j) {
+__device__ bool wait_gate(const volatile int* gate) {
   const uint64_t start = hep::ptx::globaltimer_ns();
-  while (*j.gate == 0) {
+  while (*gate == 0) {
     if (hep::ptx::globaltimer_ns() - start > kGateTimeoutNs) return false;
   }
   return true;
@@ -78,7 +83,7 @@ template <Mode kMode>
 __global__ void __launch_bounds__(kThreads, 1) write_peers(const __grid_constant__ Job j) {
   extern __shared__ __align__(128) char smem[];
   if (threadIdx.x == 0) {
-    if (!wait_gate(j)) asm volatile("trap;");
+    if (!wait_gate(j.gate)) asm volatile("trap;");
     atomicMin(&j.clock[0], static_cast<unsigned long long>(hep::ptx::globaltimer_ns()));
   }
   __syncthreads();
@@ -168,10 +173,49 @@ __device__ __forceinline__ void write_pieces(const Job& j, char* smem) {
   }
 }
 
+struct Exchange {
+  char* dst[kMaxGpus];            // each GPU's receive buffer as mapped here
+  uint64_t* arrivals[kMaxGpus];   // each GPU's counters [sources] as mapped here
+  int64_t bytes_per_peer;         // N, a multiple of 16 * blockDim.x * gridDim.x or 0
+  int rank, world, steps;
+  const volatile int* gate;
+  unsigned long long* clock;
+};
+
+__global__ void __launch_bounds__(kThreads, 1) exchange_steps(const __grid_constant__ Exchange x) {
+  if (threadIdx.x == 0) {
+    if (!wait_gate(x.gate)) asm volatile("trap;");
+    atomicMin(&x.clock[0], static_cast<unsigned long long>(hep::ptx::globaltimer_ns()));
+  }
+  __syncthreads();
+  const int64_t slice = x.bytes_per_peer / gridDim.x / 16;  // vectors per block and peer
+  for (int step = 1; step <= x.steps; ++step) {
+    for (int q = 1; q < x.world; ++q) {
+      const int peer = (x.rank + q) % x.world;
+      int4* d = reinterpret_cast<int4*>(x.dst[peer] + (int64_t)x.rank * x.bytes_per_peer) + blockIdx.x * slice;
+      for (int64_t v = threadIdx.x; v < slice; v += blockDim.x) hep::ptx::st_global_v4(d + v, make_int4(step, 0, 0, 0));
+    }
+    __syncthreads();
+    const int peer = (x.rank + 1 + threadIdx.x) % x.world;
+    if (threadIdx.x < x.world - 1) {
+      hep::ptx::fence_acq_rel_sys();
+      hep::ptx::red_add_release_sys(x.arrivals[peer] + x.rank, 1);
+      const uint64_t* mine = x.arrivals[x.rank] + peer;
+      const uint64_t expected = (uint64_t)step * gridDim.x, start = hep::ptx::globaltimer_ns();
+      while (hep::ptx::ld_acquire_sys(mine) < expected) {
+        if (hep::ptx::globaltimer_ns() - start > kGateTimeoutNs) asm volatile("trap;");
+      }
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) atomicMax(&x.clock[1], static_cast<unsigned long long>(hep::ptx::globaltimer_ns()));
+}
+
 struct Gpu {
   char* src = nullptr;
   char* dst = nullptr;
   unsigned long long* clock = nullptr;
+  uint64_t* arrivals = nullptr;  // [kMaxGpus]
   cudaStream_t streams[kMaxGpus] = {};
   cudaEvent_t start = nullptr, stop = nullptr;
 };
@@ -261,6 +305,50 @@ void measure(Setup& s, const std::string& mode, int blocks, int warps, int depth
   std::fflush(stdout);
 }
 
+// Microseconds per exchange step of `bytes` to each peer with `blocks` blocks per GPU
+// (the slowest GPU's average over the steps).
+void measure_exchange(Setup& s, int64_t bytes, int blocks) {
+  constexpr int kSteps = 200;
+  float slowest = 0.f;
+  *s.gate = 0;
+  for (int d = 0; d < s.world; ++d) {
+    CHECK(cudaSetDevice(d));
+    CHECK(cudaMemset(s.gpus[d].arrivals, 0, kMaxGpus * sizeof(uint64_t)));
+    CHECK(cudaDeviceSynchronize());
+  }
+  for (int d = 0; d < s.world; ++d) {
+    Gpu& g = s.gpus[d];
+    CHECK(cudaSetDevice(d));
+    const unsigned long long clock_init[2] = {~0ull, 0ull};
+    CHECK(cudaMemcpyAsync(g.clock, clock_init, sizeof(clock_init), cudaMemcpyHostToDevice, g.streams[0]));
+    Exchange x{};
+    for (int r = 0; r < s.world; ++r) {
+      x.dst[r] = s.gpus[r].dst;
+      x.arrivals[r] = s.gpus[r].arrivals;
+    }
+    x.bytes_per_peer = bytes;
+    x.rank = d;
+    x.world = s.world;
+    x.steps = kSteps;
+    int* gate_device = nullptr;
+    CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&gate_device), const_cast<int*>(s.gate), 0));
+    x.gate = gate_device;
+    x.clock = g.clock;
+    exchange_steps<<<blocks, kThreads, 0, g.streams[0]>>>(x);
+    CHECK(cudaGetLastError());
+  }
+  *s.gate = 1;
+  for (int d = 0; d < s.world; ++d) {
+    CHECK(cudaSetDevice(d));
+    CHECK(cudaDeviceSynchronize());
+    unsigned long long clock[2];
+    CHECK(cudaMemcpy(clock, s.gpus[d].clock, sizeof(clock), cudaMemcpyDeviceToHost));
+    slowest = std::max(slowest, static_cast<float>(clock[1] - clock[0]) * 1e-3f / kSteps);
+  }
+  std::printf("exchange  blocks %3d   %9.1f KB to each peer   %7.2f us per step\n", blocks, bytes / 1e3, slowest);
+  std::fflush(stdout);
+}
+
 template <Mode kMode>
 void allow_shared() {
   CHECK(cudaFuncSetAttribute(write_peers<kMode>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
@@ -290,6 +378,7 @@ int main(int argc, char** argv) {
     CHECK(cudaMalloc(&g.src, s.bytes_per_peer * (s.world - 1)));
     CHECK(cudaMalloc(&g.dst, s.bytes_per_peer * s.world));
     CHECK(cudaMalloc(&g.clock, 2 * sizeof(unsigned long long)));
+    CHECK(cudaMalloc(&g.arrivals, kMaxGpus * sizeof(uint64_t)));
     CHECK(cudaMemset(g.src, 1, s.bytes_per_peer * (s.world - 1)));
     for (auto& stream : g.streams) CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     CHECK(cudaEventCreate(&g.start));
@@ -319,6 +408,14 @@ int main(int argc, char** argv) {
       for (int stages : {2, 4, 6}) {
         if ((size_t)warps * stages * (kPiece + 8) <= 200 * 1024) measure(s, "tma_copy", blocks, warps, stages, reps);
       }
+    }
+  }
+  // Exchange steps: the handshake alone, decode's routing (128 tokens x 8 slots x 8 bytes),
+  // and rows of decode's 128 tokens at H = 7168 (~1.7 MB to each peer).
+  for (int blocks : {1, 16, 24}) {
+    for (int64_t bytes : {int64_t{0}, int64_t{8} << 10, int64_t{256} << 10, int64_t{1792} << 10}) {
+      const int64_t unit = 16LL * kThreads * blocks;
+      measure_exchange(s, (bytes + unit - 1) / unit * unit, blocks);
     }
   }
   return 0;
