@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 commit=$(git rev-parse --verify "$ref^{commit}")
 work=$(mktemp -d)
 trap 'git worktree remove --force "$work/src" >/dev/null 2>&1; rm -rf "$work"' EXIT
-git worktree add --detach "$work/src" "$commit" >/dev/null
+git worktree add -q --detach "$work/src" "$commit"
 cmake -S "$work/src" -B "$work/build" -G Ninja -DCMAKE_BUILD_TYPE=Release >"$work/cmake.log" 2>&1 ||
   { tail -20 "$work/cmake.log"; exit 1; }
 cmake --build "$work/build" >>"$work/cmake.log" 2>&1 || { tail -40 "$work/cmake.log"; exit 1; }
