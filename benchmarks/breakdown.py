@@ -84,7 +84,8 @@ def worker(rank: int, args) -> None:
                 if "hep::" in avg.key and device_us > 0:
                     totals[avg.key.rsplit("(", 1)[0].split("::")[-1]] += device_us / iters
             if rank == 0:
-                print(f"\n== {torch.cuda.get_device_name(0)}, W={W} H={H} T={T} E={E} K={K} {'fp8' if args.fp8 else 'bf16'} uniform, "
+                dtype = "fp8" if args.fp8 else "bf16"
+                print(f"\n== {torch.cuda.get_device_name(0)}, W={W} H={H} T={T} E={E} K={K} {dtype} uniform, "
                       f"num_sms={num_sms}; rank 0 sends {off_gpu_bytes / 1e6:.1f} MB off-GPU per dispatch")
                 for name, us in sorted(totals.items(), key=lambda kv: -kv[1]):
                     extra = ""
