@@ -17,7 +17,7 @@
 // every peer's blocks before the next step; time per step, averaged over 200 steps.
 //
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Icsrc -Icsrc/include \
-//        benchmarks/nvlink_ceiling.cu -o nvlink_ceiling && ./nvlink_ceiling [MB per peer]
+//        benchmarks/nvlink_ceiling.cu -o nvlink_ceiling && ./nvlink_ceiling [MB per peer = 56] [reps = 10]
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
