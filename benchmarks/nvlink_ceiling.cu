@@ -227,6 +227,26 @@ struct Setup {
   volatile int* gate = nullptr;  // pinned, mapped
 };
 
+// The gate as the kernels see it.
+const volatile int* device_gate(const Setup& s) {
+  int* gate = nullptr;
+  CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&gate), const_cast<int*>(s.gate), 0));
+  return gate;
+}
+
+// The kernels' clock, reset on the GPU's stream before a launch (start = max, end = 0).
+void reset_clock(Gpu& g) {
+  const unsigned long long clock_init[2] = {~0ull, 0ull};
+  CHECK(cudaMemcpyAsync(g.clock, clock_init, sizeof(clock_init), cudaMemcpyHostToDevice, g.streams[0]));
+}
+
+// Nanoseconds from the first block's start to the last block's end (after a sync).
+unsigned long long clock_ns(const Gpu& g) {
+  unsigned long long clock[2];
+  CHECK(cudaMemcpy(clock, g.clock, sizeof(clock), cudaMemcpyDeviceToHost));
+  return clock[1] - clock[0];
+}
+
 // One run: every GPU waits at the gate, then writes; returns the slowest GPU's ms (the
 // copy engines: CUDA events, launched one GPU after another without a gate).
 float run_once(Setup& s, const std::string& mode, int blocks, int warps, int depth) {
@@ -234,8 +254,7 @@ float run_once(Setup& s, const std::string& mode, int blocks, int warps, int dep
   for (int d = 0; d < s.world; ++d) {
     Gpu& g = s.gpus[d];
     CHECK(cudaSetDevice(d));
-    const unsigned long long clock_init[2] = {~0ull, 0ull};
-    CHECK(cudaMemcpyAsync(g.clock, clock_init, sizeof(clock_init), cudaMemcpyHostToDevice, g.streams[0]));
+    reset_clock(g);
     CHECK(cudaEventRecord(g.start, g.streams[0]));
     if (mode == "ce") {
       for (int q = 0; q < s.world - 1; ++q) {  // streams[1..] wait for the same start
@@ -259,9 +278,7 @@ float run_once(Setup& s, const std::string& mode, int blocks, int warps, int dep
       j.warps = warps;
       j.depth = depth;
       j.clock = g.clock;
-      int* gate_device = nullptr;
-      CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&gate_device), const_cast<int*>(s.gate), 0));
-      j.gate = gate_device;
+      j.gate = device_gate(s);
       const size_t shared = mode == "tma_st"     ? (size_t)warps * kPiece
                             : mode == "tma_copy" ? (size_t)warps * depth * (kPiece + 8)
                                                  : 0;
@@ -282,9 +299,7 @@ float run_once(Setup& s, const std::string& mode, int blocks, int warps, int dep
     if (mode == "ce") {
       CHECK(cudaEventElapsedTime(&ms, s.gpus[d].start, s.gpus[d].stop));
     } else {
-      unsigned long long clock[2];
-      CHECK(cudaMemcpy(clock, s.gpus[d].clock, sizeof(clock), cudaMemcpyDeviceToHost));
-      ms = static_cast<float>(clock[1] - clock[0]) * 1e-6f;
+      ms = static_cast<float>(clock_ns(s.gpus[d])) * 1e-6f;
     }
     slowest = std::max(slowest, ms);
   }
@@ -319,8 +334,7 @@ void measure_exchange(Setup& s, int64_t bytes, int blocks) {
   for (int d = 0; d < s.world; ++d) {
     Gpu& g = s.gpus[d];
     CHECK(cudaSetDevice(d));
-    const unsigned long long clock_init[2] = {~0ull, 0ull};
-    CHECK(cudaMemcpyAsync(g.clock, clock_init, sizeof(clock_init), cudaMemcpyHostToDevice, g.streams[0]));
+    reset_clock(g);
     Exchange x{};
     for (int r = 0; r < s.world; ++r) {
       x.dst[r] = s.gpus[r].dst;
@@ -330,9 +344,7 @@ void measure_exchange(Setup& s, int64_t bytes, int blocks) {
     x.rank = d;
     x.world = s.world;
     x.steps = kSteps;
-    int* gate_device = nullptr;
-    CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&gate_device), const_cast<int*>(s.gate), 0));
-    x.gate = gate_device;
+    x.gate = device_gate(s);
     x.clock = g.clock;
     exchange_steps<<<blocks, kThreads, 0, g.streams[0]>>>(x);
     CHECK(cudaGetLastError());
@@ -341,9 +353,7 @@ void measure_exchange(Setup& s, int64_t bytes, int blocks) {
   for (int d = 0; d < s.world; ++d) {
     CHECK(cudaSetDevice(d));
     CHECK(cudaDeviceSynchronize());
-    unsigned long long clock[2];
-    CHECK(cudaMemcpy(clock, s.gpus[d].clock, sizeof(clock), cudaMemcpyDeviceToHost));
-    slowest = std::max(slowest, static_cast<float>(clock[1] - clock[0]) * 1e-3f / kSteps);
+    slowest = std::max(slowest, static_cast<float>(clock_ns(s.gpus[d])) * 1e-3f / kSteps);
   }
   std::printf("exchange  blocks %3d   %9.1f KB to each peer   %7.2f us per step\n", blocks, bytes / 1e3, slowest);
   std::fflush(stdout);
