@@ -69,7 +69,8 @@ run_breakdown() {
 }
 
 run_ceiling() {
-  if [ ! -x build/nvlink_ceiling ]; then
+  # (rebuilt when the source is newer: a carried build/ may hold an older binary)
+  if [ ! -x build/nvlink_ceiling ] || [ benchmarks/nvlink_ceiling.cu -nt build/nvlink_ceiling ]; then
     nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Icsrc -Icsrc/include benchmarks/nvlink_ceiling.cu \
       -o build/nvlink_ceiling || return 1
   fi

@@ -17,7 +17,8 @@
 // every peer's blocks before the next step; time per step, averaged over 200 steps.
 //
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Icsrc -Icsrc/include \
-//        benchmarks/nvlink_ceiling.cu -o nvlink_ceiling && ./nvlink_ceiling [MB per peer = 56] [reps = 10]
+//        benchmarks/nvlink_ceiling.cu -o nvlink_ceiling && ./nvlink_ceiling [MB per peer = 56] [reps = 10] [exchange]
+// (a third argument `exchange`: the exchange steps only)
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -364,6 +365,29 @@ void allow_shared() {
   CHECK(cudaFuncSetAttribute(write_peers<kMode>, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
 }
 
+// Every write mechanism at 24, 48 and 132 blocks a GPU (the bandwidth table).
+void measure_rates(Setup& s, int reps) {
+  measure(s, "ce", 0, 0, 0, reps);
+  for (int blocks : {24, 48, 132}) {
+    for (int warps : {4, 16}) {
+      measure(s, "st", blocks, warps, 0, reps);
+      measure(s, "copy", blocks, warps, 0, reps);
+    }
+  }
+  for (int blocks : {24, 48, 132}) {
+    for (int warps : {1, 2, 4, 16}) {
+      for (int depth : {2, 8}) measure(s, "tma_st", blocks, warps, depth, reps);
+    }
+  }
+  for (int blocks : {24, 48, 132}) {
+    for (int warps : {1, 2, 4}) {
+      for (int stages : {2, 4, 6}) {
+        if ((size_t)warps * stages * (kPiece + 8) <= 200 * 1024) measure(s, "tma_copy", blocks, warps, stages, reps);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -401,25 +425,8 @@ int main(int argc, char** argv) {
   std::printf("%d x %s, %.1f MB to each peer (%.1f MB off-GPU per GPU), median of %d\n", s.world, prop.name,
               s.bytes_per_peer / 1e6, s.bytes_per_peer * (s.world - 1) / 1e6, reps);
 
-  measure(s, "ce", 0, 0, 0, reps);
-  for (int blocks : {24, 48, 132}) {
-    for (int warps : {4, 16}) {
-      measure(s, "st", blocks, warps, 0, reps);
-      measure(s, "copy", blocks, warps, 0, reps);
-    }
-  }
-  for (int blocks : {24, 48, 132}) {
-    for (int warps : {1, 2, 4, 16}) {
-      for (int depth : {2, 8}) measure(s, "tma_st", blocks, warps, depth, reps);
-    }
-  }
-  for (int blocks : {24, 48, 132}) {
-    for (int warps : {1, 2, 4}) {
-      for (int stages : {2, 4, 6}) {
-        if ((size_t)warps * stages * (kPiece + 8) <= 200 * 1024) measure(s, "tma_copy", blocks, warps, stages, reps);
-      }
-    }
-  }
+  const bool exchange_only = argc > 3 && std::string(argv[3]) == "exchange";
+  if (!exchange_only) measure_rates(s, reps);
   // Exchange steps: the handshake alone, decode's routing (128 tokens x 8 slots x 8 bytes),
   // and rows of decode's 128 tokens at H = 7168 (~1.7 MB to each peer).
   for (int blocks : {1, 16, 24}) {
