@@ -160,6 +160,8 @@ hep_status_t check_desc(const hep_buffer_desc_t* d) {
   HEP_REQUIRE(d->rank >= 0 && d->rank < d->world_size, "rank %d outside [0, %d)", d->rank, d->world_size);
   HEP_REQUIRE(d->hidden > 0 && d->max_tokens > 0 && d->num_experts > 0 && d->capacity > 0 && d->pad_multiple > 0,
               "hidden, max_tokens, num_experts, capacity and pad_multiple must be positive");
+  HEP_REQUIRE(d->num_experts <= hep::kMaxExperts, "num_experts %d above %d (the planning kernels keep per-expert "
+              "tables in shared memory)", d->num_experts, hep::kMaxExperts);
   HEP_REQUIRE(d->num_experts % d->world_size == 0, "num_experts %d is not a multiple of world_size %d",
               d->num_experts, d->world_size);
   HEP_REQUIRE(d->top_k >= 1 && d->top_k <= hep::kMaxTopK && d->top_k <= d->num_experts,
@@ -217,7 +219,7 @@ hep_status_t hep_context_attach(hep_context_t* context, const hep_buffer_desc_t*
     hep::DeviceGuard guard(context->device);
     HEP_CUDA_CALL(guard.status());
     HEP_CUDA_CALL(hep::prepare_transfer_kernel());
-    HEP_CUDA_CALL(hep::prepare_place_kernel());
+    HEP_CUDA_CALL(hep::prepare_plan_kernels());
   }
   context->desc = *desc;
   context->sizes = hep::make_sizes(*desc);

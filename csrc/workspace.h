@@ -13,6 +13,7 @@ namespace hep {
 
 constexpr int kMaxRanks = 64;   // peers a kernel's parameter block can address
 constexpr int kMaxTopK = 32;    // slots per token the kernels keep in registers
+constexpr int kMaxExperts = 8192;  // place's and scan's per-expert tables live in shared memory
 constexpr int kScaleBlock = 128;  // payload elements per FP8 scale
 constexpr int kCopyThreads = 512;  // threads per block of the two copy kernels
 constexpr int kCopyWarps = kCopyThreads / 32;

@@ -193,6 +193,10 @@ def smoke_worker(rank: int, world_size: int) -> None:
     # columns each, place's threads take several (source, token) items (grid-stride paths).
     one_block = dataclasses.replace(smoke_cases(world_size)[0], max_tokens=512, routing="skewed", seed=5)
     check_case(rank, one_block, "device", num_sms=1)
+    # Many experts: the scan's blocks run fewer warps (their per-expert tables fill shared memory).
+    many_experts = dataclasses.replace(smoke_cases(world_size)[0], hidden=512, num_experts=1024, routing="skewed",
+                                       seed=6)
+    check_case(rank, many_experts, "int")
     run_graph_replay(rank, world_size, replays=100)
     run_missing_peer(rank, world_size)
     assert mapped_peer_buffers() == 0, "closed buffers left peer mappings behind"

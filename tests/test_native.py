@@ -146,3 +146,6 @@ def test_workspace_layout_matches_the_readme_formula():
     desc.top_k = 0
     with pytest.raises(_native.NativeError, match="top_k"):
         _native.workspace_layout(desc)
+    desc.top_k, desc.num_experts = K, 2 * 8192  # the planning kernels' shared-memory tables
+    with pytest.raises(_native.NativeError, match="num_experts 16384 above 8192"):
+        _native.workspace_layout(desc)

@@ -5,7 +5,7 @@
 //                meta counter (release).
 //   2. scan      waits for every peer's routing (acquire); per (source, expert):
 //                rows per source (hist) and each row's rank among its source's rows
-//                of that expert (prefix). Needed columns only.
+//                of that expert (prefix), every slot in one pass per source.
 //   3. place     every rank computes every destination's offsets from hist, so each
 //                sender knows the final row of each token on each destination, and
 //                each destination its rows, weights, row_expert, padding.
@@ -61,7 +61,7 @@ cudaError_t launch_transfer_kernel(const DispatchParams& params, cudaStream_t st
 // Once per device before the first launch (shared-memory limits: the copy-engine paths,
 // place's per-expert tables).
 cudaError_t prepare_transfer_kernel();
-cudaError_t prepare_place_kernel();  // dispatch_plan.cu
+cudaError_t prepare_plan_kernels();  // dispatch_plan.cu
 
 // Routing slot of (parity, source) inside a workspace.
 struct RoutingSlotView {

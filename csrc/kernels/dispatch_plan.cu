@@ -82,94 +82,110 @@ __global__ void __launch_bounds__(kPublishThreads) publish_routing_kernel(const 
 
 // ---------------------------------------------------------------------------- 2. scan
 
-constexpr int kScanThreads = 256;
-constexpr int kScanWarps = kScanThreads / 32;
-constexpr int kScanBatch = 8;  // loads a thread issues together: ids (histogram), 32-token tiles (columns)
+constexpr int kScanBatch = 8;  // ids a thread loads before using them
 
-// Columns a rank needs: (this rank, every expert) for its own tokens, and
-// (every other source, each local expert) for the rows it receives.
-__host__ __device__ inline int scan_columns(const Sizes& s) {
-  return s.num_experts + (s.world - 1) * s.local_experts;
-}
-
-__device__ __forceinline__ void scan_column(int c, const Sizes& s, int& source, int& expert) {
-  if (c < s.num_experts) {
-    source = s.rank;
-    expert = c;
-  } else {
-    const int i = c - s.num_experts;
-    const int other = i / s.local_experts;  // index among the W - 1 other sources
-    source = other < s.rank ? other : other + 1;
-    expert = s.rank * s.local_experts + i % s.local_experts;
-  }
-}
-
-// Histogram of one source's rows per expert (the whole block; counts in shared memory).
-__device__ void count_source(const DispatchParams& p, int parity, int source, int32_t* counts) {
+// One block per source ranks every (token, slot) of that source in one pass; its warps
+// take consecutive segments of whole 32-token tiles. Shared memory per warp: a count and
+// a lane mask per expert ([warps][E] each).
+//   1. count: each warp counts its segment's rows per expert;
+//   2. every expert's counts are summed across warps in order (exclusive), which gives
+//      each warp the rows of that expert before its segment, and the histogram row;
+//   3. rank: per tile, each lane ORs its bit into the mask of each of its experts; a
+//      slot's rank is then its warp's running count + the lanes below it in the mask,
+//      and the lowest lane of each mask adds the tile to the count and clears the mask.
+// The rank of a row is its token's order among the source's tokens with that expert
+// (SPEC section 3). Needed are this rank's tokens x every expert and every source x the
+// local experts; the kernel writes every slot's rank (the rest go unread).
+__device__ void scan_source(const DispatchParams& p, int parity, int source, int32_t* counts, uint32_t* masks) {
   const Sizes& s = p.sizes;
-  for (int g = threadIdx.x; g < s.num_experts; g += blockDim.x) counts[g] = 0;
-  __syncthreads();
-  RoutingSlotView slot = routing_slot(p.local, s, p.off, parity, source);
-  const int64_t cells = (int64_t)*slot.n * s.top_k;
-  // kScanBatch ids loaded per thread before the atomics (a load per trip would make
-  // cells / blockDim.x loads in a chain: most of the scan's time at 4096 tokens).
-  for (int64_t i0 = threadIdx.x; i0 < cells; i0 += (int64_t)blockDim.x * kScanBatch) {
-    int32_t ids[kScanBatch];
-#pragma unroll
-    for (int b = 0; b < kScanBatch; ++b) {
-      const int64_t i = i0 + (int64_t)b * blockDim.x;
-      ids[b] = i < cells ? slot.ids[i] : -1;
-    }
-#pragma unroll
-    for (int b = 0; b < kScanBatch; ++b) {
-      if (ids[b] >= 0) atomicAdd(&counts[ids[b]], 1);
-    }
-  }
-  __syncthreads();
-  int32_t* hist = at<int32_t>(p.local, p.off.hist) + (int64_t)source * s.num_experts;
-  for (int g = threadIdx.x; g < s.num_experts; g += blockDim.x) hist[g] = counts[g];
-  __syncthreads();  // counts is reused by the block's next source
-}
-
-// Rank in token order of every row of one column (one warp).
-__device__ void rank_column(const DispatchParams& p, int parity, int column, int lane) {
-  const Sizes& s = p.sizes;
-  const int K = s.top_k;
-  int source, expert;
-  scan_column(column, s, source, expert);
+  const int E = s.num_experts, K = s.top_k;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   RoutingSlotView slot = routing_slot(p.local, s, p.off, parity, source);
   const int n = *slot.n;
-  int32_t* prefix = at<int32_t>(p.local, p.off.prefix) + (int64_t)source * s.max_tokens * K;
-  // The rank of a row depends on the rows before it (running), but the loads of ids do
-  // not: each trip loads kScanBatch tiles of 32 tokens before any store, slot k of all
-  // tiles together (the inner loop is unrolled over tiles, K is known only at run time),
-  // so the latencies overlap instead of forming a chain of n / 32 loads.
-  int32_t running = 0;
-  for (int t0 = 0; t0 < n; t0 += 32 * kScanBatch) {
-    int found[kScanBatch];
+  const int tiles = (n + 31) / 32, tiles_per_warp = (tiles + warps - 1) / warps;
+  const int first = min(warp * tiles_per_warp * 32, n), last = min(first + tiles_per_warp * 32, n);
+  int32_t* my_counts = counts + (int64_t)warp * E;
+  uint32_t* my_masks = masks + (int64_t)warp * E;
+
+  for (int i = threadIdx.x; i < warps * E; i += blockDim.x) {
+    counts[i] = 0;
+    masks[i] = 0;
+  }
+  __syncthreads();
+
+  // 1. count (the segment's cells are contiguous; ids loaded kScanBatch at a time)
+  const int64_t cell_end = (int64_t)last * K;
+  for (int64_t c0 = (int64_t)first * K + lane; c0 < cell_end; c0 += 32 * kScanBatch) {
+    int32_t ids[kScanBatch];
 #pragma unroll
-    for (int b = 0; b < kScanBatch; ++b) found[b] = -1;
-    for (int k = 0; k < K; ++k) {
-#pragma unroll
-      for (int b = 0; b < kScanBatch; ++b) {
-        const int t = t0 + b * 32 + lane;
-        if (t < n && slot.ids[(int64_t)t * K + k] == expert) found[b] = k;
-      }
-    }
+    for (int b = 0; b < kScanBatch; ++b) ids[b] = c0 + 32 * b < cell_end ? slot.ids[c0 + 32 * b] : -1;
 #pragma unroll
     for (int b = 0; b < kScanBatch; ++b) {
-      const int t = t0 + b * 32 + lane;
-      const uint32_t mask = __ballot_sync(0xffffffffu, found[b] >= 0);
-      if (found[b] >= 0) prefix[(int64_t)t * K + found[b]] = running + __popc(mask & ((1u << lane) - 1));
-      running += __popc(mask);
+      if (ids[b] >= 0) atomicAdd(&my_counts[ids[b]], 1);
     }
   }
+  __syncthreads();
+
+  // 2. exclusive sums across warps, one thread per expert
+  int32_t* hist = at<int32_t>(p.local, p.off.hist) + (int64_t)source * E;
+  for (int g = threadIdx.x; g < E; g += blockDim.x) {
+    int32_t rows = 0;
+    for (int w = 0; w < warps; ++w) {
+      const int32_t here = counts[(int64_t)w * E + g];
+      counts[(int64_t)w * E + g] = rows;
+      rows += here;
+    }
+    hist[g] = rows;
+  }
+  __syncthreads();
+
+  // 3. rank, a tile of 32 tokens at a time. Each step re-reads the lane's ids (L1 or L2
+  // hits) kScanBatch slots at a time, loaded before use so their latencies overlap.
+  int32_t* prefix = at<int32_t>(p.local, p.off.prefix) + (int64_t)source * s.max_tokens * K;
+  const uint32_t below = (1u << lane) - 1;
+  for (int t0 = first; t0 < last; t0 += 32) {
+    const int t = t0 + lane;
+    const int32_t* ids = slot.ids + (int64_t)t * K;
+    const int slots = t < last ? K : 0;
+    int32_t g[kScanBatch];
+    auto load = [&](int k0) {
+#pragma unroll
+      for (int b = 0; b < kScanBatch; ++b) g[b] = k0 + b < slots ? ids[k0 + b] : -1;
+    };
+    for (int k0 = 0; k0 < slots; k0 += kScanBatch) {
+      load(k0);
+#pragma unroll
+      for (int b = 0; b < kScanBatch; ++b) {
+        if (g[b] >= 0) atomicOr(&my_masks[g[b]], 1u << lane);
+      }
+    }
+    __syncwarp();
+    for (int k0 = 0; k0 < slots; k0 += kScanBatch) {
+      load(k0);
+#pragma unroll
+      for (int b = 0; b < kScanBatch; ++b) {
+        if (g[b] >= 0) prefix[(int64_t)t * K + k0 + b] = my_counts[g[b]] + __popc(my_masks[g[b]] & below);
+      }
+    }
+    __syncwarp();  // every lane has read the counts and masks of this tile
+    for (int k0 = 0; k0 < slots; k0 += kScanBatch) {
+      load(k0);
+#pragma unroll
+      for (int b = 0; b < kScanBatch; ++b) {
+        if (g[b] < 0) continue;
+        const uint32_t mask = my_masks[g[b]];
+        if (__ffs(mask) - 1 == lane) {  // one lane per expert of the tile (a token's ids are distinct)
+          my_counts[g[b]] += __popc(mask);
+          my_masks[g[b]] = 0;
+        }
+      }
+    }
+    __syncwarp();
+  }
+  __syncthreads();  // counts and masks are reused by the block's next source
 }
 
-// Block b counts sources b, b + B, ... (B = gridDim.x); the warps rank the needed columns,
-// handed out from block W on, so that with enough blocks (W + columns / kScanWarps) the
-// counting blocks rank nothing and every warp ranks at most one column.
-__global__ void __launch_bounds__(kScanThreads) scan_kernel(const __grid_constant__ DispatchParams p) {
+__global__ void __launch_bounds__(1024, 1) scan_kernel(const __grid_constant__ DispatchParams p) {
   const Sizes& s = p.sizes;
   const uint64_t epoch = current_epoch(p);
   const int parity = static_cast<int>(epoch & 1);
@@ -177,20 +193,26 @@ __global__ void __launch_bounds__(kScanThreads) scan_kernel(const __grid_constan
                             wait_context(p), kPhaseDispatchRouting)) {
     return;
   }
-  extern __shared__ int32_t counts[];  // [E]
-  for (int source = blockIdx.x; source < s.world; source += gridDim.x) count_source(p, parity, source, counts);
+  extern __shared__ int32_t scan_shared[];  // scan_shared_bytes
+  int32_t* counts = scan_shared;
+  uint32_t* masks = reinterpret_cast<uint32_t*>(scan_shared + (int64_t)(blockDim.x / 32) * s.num_experts);
+  for (int source = blockIdx.x; source < s.world; source += gridDim.x) scan_source(p, parity, source, counts, masks);
+}
 
-  const int counting_blocks = min(s.world, static_cast<int>(gridDim.x));
-  const int order = (blockIdx.x + gridDim.x - counting_blocks) % gridDim.x;  // blocks W.. first
-  const int warps = gridDim.x * kScanWarps;
-  for (int column = order * kScanWarps + threadIdx.x / 32; column < scan_columns(s); column += warps) {
-    rank_column(p, parity, column, threadIdx.x % 32);
-  }
+// Warps of the scan's blocks: 32, or fewer where their counts and masks ([warps][E] each)
+// would not fit in kScanSharedBudget (more than 800 experts).
+constexpr size_t kScanSharedBudget = 200 * 1024;  // below sm_90's 227 KB less static shared memory
+static size_t scan_shared_bytes(int num_experts, int warps) {
+  return 2 * sizeof(int32_t) * (size_t)warps * num_experts;
+}
+static int scan_warps_that_fit(int num_experts) {
+  const int fit = static_cast<int>(kScanSharedBudget / scan_shared_bytes(num_experts, 1));
+  return max(1, min(32, fit));  // hep_context_create bounds num_experts (kMaxExperts) so 1 fits
 }
 
 // ---------------------------------------------------------------------------- 3. place
 
-constexpr int kPlaceThreads = 256;
+constexpr int kPlaceThreads = 1024;  // 4096 tokens x 4 ranks in one trip of 16 blocks
 constexpr int kPlaceBatch = 8;  // routing slots of a token whose loads are issued together
 
 // What every block of place needs from the histogram, in shared memory:
@@ -363,17 +385,24 @@ static size_t place_shared_bytes(const Sizes& s) {
   return sizeof(int32_t) * (4 * (size_t)s.num_experts + s.world);
 }
 
-// Above 48 KB of shared memory for very many experts: the device's opt-in limit less
-// what the kernel declares statically (its block reduction).
-cudaError_t prepare_place_kernel() {
+// The dynamic shared memory a kernel may use: the device's opt-in limit less what the
+// kernel declares statically (its block reductions).
+template <typename Kernel>
+static cudaError_t allow_all_shared_memory(Kernel kernel) {
   int device = 0, optin = 0;
   cudaFuncAttributes attributes{};
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attributes, place_kernel);
+  if (err == cudaSuccess) err = cudaFuncGetAttributes(&attributes, kernel);
   if (err != cudaSuccess) return err;
-  return cudaFuncSetAttribute(place_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                               optin - static_cast<int>(attributes.sharedSizeBytes));
+}
+
+// Above 48 KB of shared memory for many experts (place's tables, scan's per-warp counts).
+cudaError_t prepare_plan_kernels() {
+  cudaError_t err = allow_all_shared_memory(place_kernel);
+  return err == cudaSuccess ? allow_all_shared_memory(scan_kernel) : err;
 }
 
 cudaError_t launch_dispatch(const DispatchParams& p, cudaStream_t stream) {
@@ -384,8 +413,8 @@ cudaError_t launch_dispatch(const DispatchParams& p, cudaStream_t stream) {
     publish_routing_kernel<int32_t><<<kPublishBlocks, kPublishThreads, 0, stream>>>(p);
   }
   // The planning kernels use at most num_sms blocks, as the copy kernels do.
-  const int scan_blocks = min(s.world + (scan_columns(s) + kScanWarps - 1) / kScanWarps, p.blocks);
-  scan_kernel<<<scan_blocks, kScanThreads, s.num_experts * sizeof(int32_t), stream>>>(p);
+  const int scan_warps = scan_warps_that_fit(s.num_experts);
+  scan_kernel<<<min(s.world, p.blocks), 32 * scan_warps, scan_shared_bytes(s.num_experts, scan_warps), stream>>>(p);
   const int place_blocks =
       static_cast<int>(std::min<int64_t>(((int64_t)s.world * s.max_tokens + kPlaceThreads - 1) / kPlaceThreads, p.blocks));
   place_kernel<<<place_blocks, kPlaceThreads, place_shared_bytes(s), stream>>>(p);
