@@ -212,7 +212,7 @@ static int scan_warps_that_fit(int num_experts) {
 
 // ---------------------------------------------------------------------------- 3. place
 
-constexpr int kPlaceThreads = 1024;  // 4096 tokens x 4 ranks in one trip of 16 blocks
+constexpr int kPlaceThreads = 256;
 constexpr int kPlaceBatch = 8;  // routing slots of a token whose loads are issued together
 
 // What every block of place needs from the histogram, in shared memory:
