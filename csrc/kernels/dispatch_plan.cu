@@ -221,6 +221,7 @@ constexpr int kPlaceBatch = 8;  // routing slots of a token whose loads are issu
 //   offsets [W*(L+1)]  first row of each of them (contiguous layout)
 //   before_here [W*L]  rows of this rank's local expert e from sources before src
 //   before_mine [E]    rows of expert g from sources before this rank
+// (then each thread's first_sent [W], see place_kernel).
 // One thread per expert sums its column of hist (the sums are independent, so the
 // loads overlap), then one thread per destination lays its experts out from those
 // totals in shared memory.
@@ -282,6 +283,7 @@ __global__ void __launch_bounds__(kPlaceThreads) place_kernel(const __grid_const
   int32_t* offsets = written + W * L;             // [W * (L + 1)]
   int32_t* before_here = offsets + W * (L + 1);   // [W * L]
   int32_t* before_mine = before_here + W * L;     // [E]
+  int32_t* first_sent = before_mine + s.num_experts + threadIdx.x * W;  // [W] per thread
   compute_placement(p, written, offsets, before_here, before_mine);
 
   const int32_t* prefix = at<const int32_t>(p.local, p.off.prefix);
@@ -303,22 +305,26 @@ __global__ void __launch_bounds__(kPlaceThreads) place_kernel(const __grid_const
       first_row[(int64_t)source * T + t] = -1;
       continue;
     }
-    // As sender (source == this rank): the first row of my token t on every destination.
-    int32_t* send = source == s.rank ? send_row + (int64_t)t * W : nullptr;
-    if (send != nullptr) {
-      for (int r = 0; r < W; ++r) send[r] = -1;
+    // As sender (source == this rank): the first row of my token t on every destination,
+    // kept in this thread's shared-memory slots until the token is done (reading back
+    // global stores would put an L2 round trip per slot on the thread's path).
+    const bool sender = source == s.rank;
+    if (sender) {
+      for (int r = 0; r < W; ++r) first_sent[r] = INT_MAX;
     }
-    // As destination: this rank's rows of (source, t). The slots' ids and ranks are
-    // loaded kPlaceBatch at a time before any use, so their latencies overlap (the stores
-    // below would otherwise keep the compiler from moving the loads up).
+    // As destination: this rank's rows of (source, t). The slots' ids, ranks and weights
+    // are loaded kPlaceBatch at a time before any use, so their latencies overlap (the
+    // stores below would otherwise keep the compiler from moving the loads up).
     int32_t first = INT_MAX;
     for (int k0 = 0; k0 < K; k0 += kPlaceBatch) {
       int32_t ids[kPlaceBatch], ranks[kPlaceBatch];
+      float weights[kPlaceBatch];
 #pragma unroll
       for (int j = 0; j < kPlaceBatch; ++j) {
         const bool in = k0 + j < K;
         ids[j] = in ? slot.ids[(int64_t)t * K + k0 + j] : -1;
         ranks[j] = in ? prefix[cell + k0 + j] : 0;  // meaningful only where read below
+        weights[j] = in ? slot.weights[(int64_t)t * K + k0 + j] : 0.f;
       }
 #pragma unroll
       for (int j = 0; j < kPlaceBatch; ++j) {
@@ -332,20 +338,23 @@ __global__ void __launch_bounds__(kPlaceThreads) place_kernel(const __grid_const
           if (row < 0) {
             ++overflow;
           } else {
-            weights_out[row] = slot.weights[(int64_t)t * K + k];
+            weights_out[row] = weights[j];
             row_expert[row] = e;
             first = min(first, row);
           }
         }
         row_of[cell + k] = row;
-        if (send != nullptr && g >= 0) {
+        if (sender && g >= 0) {
           const int r = g / L;
           const int32_t sent = row_slot(s, written, offsets, r, g % L, before_mine[g] + ranks[j]);
-          if (sent >= 0 && (send[r] < 0 || sent < send[r])) send[r] = sent;
+          if (sent >= 0) first_sent[r] = min(first_sent[r], sent);
         }
       }
     }
     first_row[(int64_t)source * T + t] = first == INT_MAX ? -1 : first;
+    if (sender) {
+      for (int r = 0; r < W; ++r) send_row[(int64_t)t * W + r] = first_sent[r] == INT_MAX ? -1 : first_sent[r];
+    }
   }
   add_block_counts(overflow, 0, &p.errors->counts[HEP_ERROR_CAPACITY_OVERFLOW], nullptr);
 
@@ -380,9 +389,10 @@ __global__ void __launch_bounds__(kPlaceThreads) place_kernel(const __grid_const
 
 // ---------------------------------------------------------------------------- launch
 
-// written, offsets, before_here (W*L each, offsets W more) and before_mine (E = W*L).
+// written, offsets, before_here (W*L each, offsets W more), before_mine (E = W*L), and
+// W first rows per thread (first_sent).
 static size_t place_shared_bytes(const Sizes& s) {
-  return sizeof(int32_t) * (4 * (size_t)s.num_experts + s.world);
+  return sizeof(int32_t) * (4 * (size_t)s.num_experts + s.world + (size_t)kPlaceThreads * s.world);
 }
 
 // The dynamic shared memory a kernel may use: the device's opt-in limit less what the
