@@ -207,7 +207,7 @@ static size_t scan_shared_bytes(int num_experts, int warps) {
 }
 static int scan_warps_that_fit(int num_experts) {
   const int fit = static_cast<int>(kScanSharedBudget / scan_shared_bytes(num_experts, 1));
-  return max(1, min(32, fit));  // hep_context_create bounds num_experts (kMaxExperts) so 1 fits
+  return max(1, min(32, fit));  // check_desc bounds num_experts (kMaxExperts) so 1 fits
 }
 
 // ---------------------------------------------------------------------------- 3. place
