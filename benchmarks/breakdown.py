@@ -2,12 +2,15 @@
 
     python benchmarks/breakdown.py [--ranks N] [--hidden 7168] [--tokens 4096] [--top-k 8]
                                    [--local-experts 8] [--num-sms 24 48 ...]
-                                   [--no-tune] [--tuning 4,1,0,0,13,1] [--fp8]
+                                   [--no-tune] [--tuning 4,1,0,0,13,1] [--fp8] [--graph]
 
 Spawns one process per GPU, runs uniform routing, profiles 10 calls with
 torch.profiler and prints, for rank 0, the mean device time of each kernel and the
 rate of the dispatch transfer kernel (send and expand overlapped) over the rows this
-rank sends off-GPU.
+rank sends off-GPU; then the calls' kernels in order, each with the mean gap between the
+end of the kernel before it and its start (the same GPU's clock). --graph captures one
+dispatch + combine in a CUDA graph and profiles its replays instead of eager calls, so
+the gaps are the device's own, without host launch time.
 """
 
 from __future__ import annotations
@@ -66,14 +69,26 @@ def worker(rank: int, args) -> None:
             torch.cuda.synchronize()
             dist.barrier()
             iters = 10
+            graph = None
+            if args.graph:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    captured = buf.dispatch(x, idx, weights, scales=scales)
+                    buf.combine(y, captured.handle)
+                graph.replay()
+                torch.cuda.synchronize()
+                dist.barrier()
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 # Starting the profiler takes a different time on each rank: line the ranks
                 # up again, or the first routing exchange absorbs the difference.
                 dist.barrier()
                 torch.cuda.synchronize()
                 for _ in range(iters):
-                    result = buf.dispatch(x, idx, weights, scales=scales)
-                    buf.combine(y, result.handle)
+                    if graph is not None:
+                        graph.replay()
+                    else:
+                        result = buf.dispatch(x, idx, weights, scales=scales)
+                        buf.combine(y, result.handle)
                 torch.cuda.synchronize()
             dist.barrier()
             totals = defaultdict(float)
@@ -93,7 +108,33 @@ def worker(rank: int, args) -> None:
                         extra = f"   ({off_gpu_bytes / us / 1e3:.0f} GB/s off-GPU)"
                     print(f"  {name:28s} {us:9.1f} us{extra}")
                 print(f"  {'total':28s} {sum(totals.values()):9.1f} us")
+                print_timeline(prof, iters, "graph replays" if graph is not None else "eager calls")
     dist.destroy_process_group()
+
+
+def kernel_name(key: str) -> str:
+    return key.rsplit("(", 1)[0].split("::")[-1]
+
+
+def print_timeline(prof, iters: int, how: str) -> None:
+    """The library's kernels of the profiled calls in start order: per position in a call,
+    the mean duration and the mean gap since the previous kernel of the same call ended."""
+    kernels = sorted(((e.time_range.start, e.time_range.end, kernel_name(e.key)) for e in prof.events()
+                      if "hep::" in e.key and getattr(e, "device_type", None) is not None
+                      and str(e.device_type).endswith("CUDA")), key=lambda k: k[0])
+    if not kernels or len(kernels) % iters:
+        print(f"  (timeline: {len(kernels)} kernels for {iters} calls, not shown)")
+        return
+    per_call = len(kernels) // iters
+    print(f"  timeline of one call ({how}, mean of {iters}; gap = since the previous kernel's end):")
+    for i in range(per_call):
+        runs = [kernels[c * per_call + i] for c in range(iters)]
+        duration = sum(end - start for start, end, _ in runs) / iters
+        line = f"    {runs[0][2]:28s} {duration:9.1f} us"
+        if i:
+            gaps = [kernels[c * per_call + i][0] - kernels[c * per_call + i - 1][1] for c in range(iters)]
+            line += f"   gap {sum(gaps) / iters:6.1f} us"
+        print(line)
 
 
 def main() -> None:
@@ -104,6 +145,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--local-experts", type=int, default=8)
     parser.add_argument("--fp8", action="store_true", help="FP8 rows with scales instead of bf16")
+    parser.add_argument("--graph", action="store_true", help="profile CUDA-graph replays of one dispatch + combine")
     parser.add_argument("--num-sms", type=int, nargs="+", default=[24])
     parser.add_argument("--timeout", type=float, default=100.0, help="EPBuffer timeout_s")
     parser.add_argument("--rank", type=int, help="run only this rank (the others are started separately, "

@@ -47,3 +47,34 @@ def test_nvlink_ceiling_tool_compiles(tmp_path):
                           capture_output=True, text=True, timeout=600, cwd=root)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "nvlink_ceiling").stat().st_size > 0
+
+
+def test_breakdown_timeline_durations_and_gaps(capsys):
+    """benchmarks/breakdown.py's timeline: kernels of each call in start order, the mean
+    duration per position and the mean gap since the previous kernel of the call ended
+    (fed stand-in profiler events: the script itself runs only on GPU machines)."""
+    import importlib.util
+    import types
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "breakdown.py"
+    spec = importlib.util.spec_from_file_location("breakdown", path)
+    breakdown = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(breakdown)
+
+    def kernel(name, start, end):
+        return types.SimpleNamespace(key=f"void hep::{name}(hep::DispatchParams)", device_type="DeviceType.CUDA",
+                                     time_range=types.SimpleNamespace(start=start, end=end))
+
+    # Two calls of two kernels, listed out of order, plus an event that is not a kernel.
+    events = [kernel("scan_kernel", 112.0, 120.0), kernel("publish_routing_kernel<long>", 100.0, 110.0),
+              kernel("publish_routing_kernel<long>", 200.0, 206.0), kernel("scan_kernel", 210.0, 230.0),
+              types.SimpleNamespace(key="cudaLaunchKernel", device_type="DeviceType.CPU",
+                                    time_range=types.SimpleNamespace(start=0.0, end=1.0))]
+    breakdown.print_timeline(types.SimpleNamespace(events=lambda: events), 2, "graph replays")
+    lines = capsys.readouterr().out.splitlines()
+    assert "graph replays, mean of 2" in lines[0]
+    assert lines[1].split() == ["publish_routing_kernel<long>", "8.0", "us"]
+    assert lines[2].split() == ["scan_kernel", "14.0", "us", "gap", "3.0", "us"]  # gaps 2 and 4
+
+    breakdown.print_timeline(types.SimpleNamespace(events=lambda: events[:3]), 2, "eager calls")
+    assert "not shown" in capsys.readouterr().out  # 3 kernels do not split into 2 calls
