@@ -12,6 +12,7 @@
 #                                          # shapes (benchmarks/breakdown.py, all GPUs), $OUT/breakdown.txt
 #   BREAKDOWN_LIBS="build/libhybrid_ep_infer.so variants/a.so" BREAKDOWN_ARGS="--no-tune --tuning 2,4,1,0,13,4" \
 #     bash benchmarks/gpu_run.sh breakdown # the same for several builds of the library (A/B)
+#   BREAKDOWN_SHAPES="prefill decode" ...  # a subset of the shapes: prefill mixtral qwen decode
 #   bash benchmarks/gpu_run.sh ceiling     # what SMs and copy engines write to all other GPUs at once, and
 #                                          # the cost of one exchange step (write + release + acquire)
 #                                          # (benchmarks/nvlink_ceiling.cu, all GPUs), $OUT/ceiling.txt
@@ -52,13 +53,25 @@ fi
 export HYBRID_EP_INFER_LIBRARY=${HYBRID_EP_INFER_LIBRARY:-$PWD/build/libhybrid_ep_infer.so} HYBRID_EP_INFER_EXPECT_LIBRARY=1
 echo "library: $HYBRID_EP_INFER_LIBRARY" | tee -a "$OUT/machine.txt"
 
+# breakdown.py's options for the prefill-7168, mixtral-4096 and qwen-2048 shapes of
+# hybrid_ep_infer/bench/configs.py, and 128 tokens per rank at H=7168 (decode's n=128; its
+# buffer there holds 256)
+breakdown_shape() {
+  case "$1" in
+    prefill) echo "" ;;
+    mixtral) echo "--hidden 4096 --local-experts 2 --top-k 2" ;;
+    qwen) echo "--hidden 2048 --local-experts 32 --top-k 8" ;;
+    decode) echo "--tokens 128" ;;
+    *) echo "unknown breakdown shape $1 (prefill, mixtral, qwen, decode)" >&2; return 1 ;;
+  esac
+}
+
 run_breakdown() {
-  local status=0 shape lib
+  local status=0 name shape lib
   for lib in ${BREAKDOWN_LIBS:-$HYBRID_EP_INFER_LIBRARY}; do
-    # the prefill-7168, mixtral-4096 and qwen-2048 shapes of hybrid_ep_infer/bench/configs.py, and
-    # 128 tokens per rank at H=7168 (decode's n=128; its buffer there holds 256)
-    for shape in "" "--hidden 4096 --local-experts 2 --top-k 2" "--hidden 2048 --local-experts 32 --top-k 8" "--tokens 128"; do
-      echo "== breakdown: $lib ${shape:-(prefill shape)}"
+    for name in ${BREAKDOWN_SHAPES:-prefill mixtral qwen decode}; do
+      shape=$(breakdown_shape "$name") || return 1
+      echo "== breakdown: $lib $name"
       # shellcheck disable=SC2086
       HYBRID_EP_INFER_LIBRARY=$(realpath "$lib") timeout 120 python3 benchmarks/breakdown.py $shape ${BREAKDOWN_ARGS:-} 2>&1 |
         grep -v -e UserWarning -e "return func" -e _warn_once
