@@ -97,7 +97,7 @@ def worker(rank: int, args) -> None:
                 if device_us is None:
                     device_us = avg.self_cuda_time_total
                 if "hep::" in avg.key and device_us > 0:
-                    totals[avg.key.rsplit("(", 1)[0].split("::")[-1]] += device_us / iters
+                    totals[kernel_name(avg.key)] += device_us / iters
             if rank == 0:
                 dtype = "fp8" if args.fp8 else "bf16"
                 print(f"\n== {torch.cuda.get_device_name(0)}, W={W} H={H} T={T} E={E} K={K} {dtype} uniform, "
@@ -113,6 +113,7 @@ def worker(rank: int, args) -> None:
 
 
 def kernel_name(key: str) -> str:
+    """A profiler key such as "void hep::scan_kernel(hep::DispatchParams)" -> "scan_kernel"."""
     return key.rsplit("(", 1)[0].split("::")[-1]
 
 
