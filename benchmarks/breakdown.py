@@ -2,7 +2,7 @@
 
     python benchmarks/breakdown.py [--ranks N] [--hidden 7168] [--tokens 4096] [--top-k 8]
                                    [--local-experts 8] [--num-sms 24 48 ...]
-                                   [--no-tune] [--tuning 4,1,0,0,13,1] [--fp8] [--graph]
+                                   [--no-tune] [--tuning 4,1,0,0,13,1] [--fp8] [--graph] [--all-ranks]
 
 Spawns one process per GPU, runs uniform routing, profiles 10 calls with
 torch.profiler and prints, for rank 0, the mean device time of each kernel and the
@@ -10,7 +10,9 @@ rate of the dispatch transfer kernel (send and expand overlapped) over the rows 
 rank sends off-GPU; then the calls' kernels in order, each with the mean gap between the
 end of the kernel before it and its start (the same GPU's clock). --graph captures one
 dispatch + combine in a CUDA graph and profiles its replays instead of eager calls, so
-the gaps are the device's own, without host launch time.
+the gaps are the device's own, without host launch time. --all-ranks adds every rank's
+kernels on one clock (the profilers' host clock): per kernel and rank, the mean start and
+end since the call's first kernel started on any rank, which shows where each rank waits.
 """
 
 from __future__ import annotations
@@ -109,6 +111,15 @@ def worker(rank: int, args) -> None:
                     print(f"  {name:28s} {us:9.1f} us{extra}")
                 print(f"  {'total':28s} {sum(totals.values()):9.1f} us")
                 print_timeline(prof, iters, "graph replays" if graph is not None else "eager calls")
+            if args.all_ranks:
+                # Kernel times are relative to each profiler's start; the start is on the host
+                # clock that every process of this machine shares.
+                start_us = prof.profiler.kineto_results.trace_start_ns() / 1e3
+                mine = [(start + start_us, end + start_us, name) for start, end, name in library_kernels(prof)]
+                every = [None] * W
+                dist.all_gather_object(every, mine)
+                if rank == 0:
+                    print_ranks_timeline(every, iters)
     dist.destroy_process_group()
 
 
@@ -117,12 +128,17 @@ def kernel_name(key: str) -> str:
     return key.rsplit("(", 1)[0].split("::")[-1]
 
 
+def library_kernels(prof) -> list[tuple[float, float, str]]:
+    """The library's kernels of a profile as (start, end, name), in start order (µs)."""
+    return sorted(((e.time_range.start, e.time_range.end, kernel_name(e.key)) for e in prof.events()
+                   if "hep::" in e.key and getattr(e, "device_type", None) is not None
+                   and str(e.device_type).endswith("CUDA")), key=lambda k: k[0])
+
+
 def print_timeline(prof, iters: int, how: str) -> None:
     """The library's kernels of the profiled calls in start order: per position in a call,
     the mean duration and the mean gap since the previous kernel of the same call ended."""
-    kernels = sorted(((e.time_range.start, e.time_range.end, kernel_name(e.key)) for e in prof.events()
-                      if "hep::" in e.key and getattr(e, "device_type", None) is not None
-                      and str(e.device_type).endswith("CUDA")), key=lambda k: k[0])
+    kernels = library_kernels(prof)
     if not kernels or len(kernels) % iters:
         print(f"  (timeline: {len(kernels)} kernels for {iters} calls, not shown)")
         return
@@ -138,6 +154,29 @@ def print_timeline(prof, iters: int, how: str) -> None:
         print(line)
 
 
+def print_ranks_timeline(every: list[list[tuple[float, float, str]]], iters: int) -> None:
+    """`every[r]`: rank r's kernels (start, end, name) on a common clock. Per position in a
+    call and per rank, the mean start and end since the call's first kernel started on any
+    rank; then the mean time between the calls' first starts."""
+    if any(len(kernels) != len(every[0]) or len(kernels) % iters for kernels in every) or not every[0]:
+        print(f"  (ranks timeline: {[len(k) for k in every]} kernels for {iters} calls, not shown)")
+        return
+    per_call = len(every[0]) // iters
+    origins = [min(kernels[c * per_call][0] for kernels in every) for c in range(iters)]
+    print(f"  every rank, one clock (mean of {iters} calls; start-end in us since the call's first start on any rank):")
+    print("    " + " " * 28 + "".join(f"{'rank ' + str(r):>16s}" for r in range(len(every))))
+    for i in range(per_call):
+        line = f"    {every[0][i][2]:28s}"
+        for kernels in every:
+            runs = [kernels[c * per_call + i] for c in range(iters)]
+            start = sum(run[0] - origin for run, origin in zip(runs, origins)) / iters
+            end = sum(run[1] - origin for run, origin in zip(runs, origins)) / iters
+            line += f"{start:8.1f}-{end:<7.1f}"
+        print(line)
+    if iters > 1:
+        print(f"    call to call: {(origins[-1] - origins[0]) / (iters - 1):.1f} us")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, default=torch.cuda.device_count())
@@ -147,6 +186,8 @@ def main() -> None:
     parser.add_argument("--local-experts", type=int, default=8)
     parser.add_argument("--fp8", action="store_true", help="FP8 rows with scales instead of bf16")
     parser.add_argument("--graph", action="store_true", help="profile CUDA-graph replays of one dispatch + combine")
+    parser.add_argument("--all-ranks", action="store_true",
+                        help="also every rank's kernels on one clock (where each rank waits)")
     parser.add_argument("--num-sms", type=int, nargs="+", default=[24])
     parser.add_argument("--timeout", type=float, default=100.0, help="EPBuffer timeout_s")
     parser.add_argument("--rank", type=int, help="run only this rank (the others are started separately, "
