@@ -2,7 +2,8 @@
 
     python benchmarks/breakdown.py [--ranks N] [--hidden 7168] [--tokens 4096] [--top-k 8]
                                    [--local-experts 8] [--num-sms 24 48 ...]
-                                   [--no-tune] [--tuning 4,1,0,0,13,1] [--fp8] [--graph] [--all-ranks]
+                                   [--no-tune] [--tuning 4,1,0,0,13,1] [--fp8] [--graph [--graph-calls N]]
+                                   [--all-ranks]
 
 Spawns one process per GPU, runs uniform routing, profiles 10 calls with
 torch.profiler and prints, for rank 0, the mean device time of each kernel and the
@@ -10,9 +11,11 @@ rate of the dispatch transfer kernel (send and expand overlapped) over the rows 
 rank sends off-GPU; then the calls' kernels in order, each with the mean gap between the
 end of the kernel before it and its start (the same GPU's clock). --graph captures one
 dispatch + combine in a CUDA graph and profiles its replays instead of eager calls, so
-the gaps are the device's own, without host launch time. --all-ranks adds every rank's
+the gaps are the device's own, without host launch time; --graph-calls N captures N of
+them back to back (the first of a replay starts on each rank when that rank's host
+launched it; the others start when the call before ended). --all-ranks adds every rank's
 kernels on one clock (the profilers' host clock): per kernel and rank, the mean start and
-end since the call's first kernel started on any rank, which shows where each rank waits.
+end since the step's first kernel started on any rank, which shows where each rank waits.
 """
 
 from __future__ import annotations
@@ -72,11 +75,13 @@ def worker(rank: int, args) -> None:
             dist.barrier()
             iters = 10
             graph = None
+            calls = args.graph_calls if args.graph else 1  # dispatch + combine pairs per profiled step
             if args.graph:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
-                    captured = buf.dispatch(x, idx, weights, scales=scales)
-                    buf.combine(y, captured.handle)
+                    for _ in range(calls):
+                        captured = buf.dispatch(x, idx, weights, scales=scales)
+                        buf.combine(y, captured.handle)
                 graph.replay()
                 torch.cuda.synchronize()
                 dist.barrier()
@@ -99,7 +104,7 @@ def worker(rank: int, args) -> None:
                 if device_us is None:
                     device_us = avg.self_cuda_time_total
                 if "hep::" in avg.key and device_us > 0:
-                    totals[kernel_name(avg.key)] += device_us / iters
+                    totals[kernel_name(avg.key)] += device_us / (iters * calls)
             if rank == 0:
                 dtype = "fp8" if args.fp8 else "bf16"
                 print(f"\n== {torch.cuda.get_device_name(0)}, W={W} H={H} T={T} E={E} K={K} {dtype} uniform, "
@@ -110,7 +115,7 @@ def worker(rank: int, args) -> None:
                         extra = f"   ({off_gpu_bytes / us / 1e3:.0f} GB/s off-GPU)"
                     print(f"  {name:28s} {us:9.1f} us{extra}")
                 print(f"  {'total':28s} {sum(totals.values()):9.1f} us")
-                print_timeline(prof, iters, "graph replays" if graph is not None else "eager calls")
+                print_timeline(prof, iters, f"graph replays of {calls} call(s)" if graph is not None else "eager calls")
             if args.all_ranks:
                 # Kernel times are relative to each profiler's start; the start is on the host
                 # clock that every process of this machine shares.
@@ -186,6 +191,9 @@ def main() -> None:
     parser.add_argument("--local-experts", type=int, default=8)
     parser.add_argument("--fp8", action="store_true", help="FP8 rows with scales instead of bf16")
     parser.add_argument("--graph", action="store_true", help="profile CUDA-graph replays of one dispatch + combine")
+    parser.add_argument("--graph-calls", type=int, default=1,
+                        help="with --graph: dispatch + combine pairs captured in the graph (back to back "
+                        "on the device, without the host between them); the timelines show all of them")
     parser.add_argument("--all-ranks", action="store_true",
                         help="also every rank's kernels on one clock (where each rank waits)")
     parser.add_argument("--num-sms", type=int, nargs="+", default=[24])
