@@ -2,8 +2,9 @@
 
     python benchmarks/breakdown.py [--ranks N] [--hidden 7168] [--tokens 4096] [--top-k 8]
                                    [--local-experts 8] [--num-sms 24 48 ...]
-                                   [--no-tune] [--tuning 4,1,0,0,13,1] [--fp8] [--graph [--graph-calls N]]
-                                   [--all-ranks]
+                                   [--no-tune] [--tuning 4,1,0,0,13,1] [--fp8]
+                                   [--graph [--graph-calls N] [--graph-sleep-us U] [--graph-flush-mb M]]
+                                   [--bench-method] [--all-ranks]
 
 Spawns one process per GPU, runs uniform routing, profiles 10 calls with
 torch.profiler and prints, for rank 0, the mean device time of each kernel and the
@@ -13,9 +14,14 @@ end of the kernel before it and its start (the same GPU's clock). --graph captur
 dispatch + combine in a CUDA graph and profiles its replays instead of eager calls, so
 the gaps are the device's own, without host launch time; --graph-calls N captures N of
 them back to back (the first of a replay starts on each rank when that rank's host
-launched it; the others start when the call before ended). --all-ranks adds every rank's
-kernels on one clock (the profilers' host clock): per kernel and rank, the mean start and
-end since the step's first kernel started on any rank, which shows where each rank waits.
+launched it; the others start when the call before ended), --graph-sleep-us U with a
+GPU sleep before each (the GPU busy, NVLink idle, the ranks still in step), and
+--graph-flush-mb M after rewriting M MB (the benchmark flushes L2 so). --bench-method
+starts each profiled step as hybrid_ep_infer/bench/timing.py starts a sample (host sync,
+L2 flush, device barrier, GPU sleep). --all-ranks
+adds every rank's kernels on one clock (the profilers' host clock): per kernel and rank,
+the mean start and end since the step's first kernel started on any rank, which shows
+where each rank waits.
 """
 
 from __future__ import annotations
@@ -77,20 +83,35 @@ def worker(rank: int, args) -> None:
             graph = None
             calls = args.graph_calls if args.graph else 1  # dispatch + combine pairs per profiled step
             if args.graph:
+                clock_mhz = sleep_cycles_per_us() if args.graph_sleep_us else 0.0
+                flush = torch.empty(args.graph_flush_mb << 20, dtype=torch.uint8, device="cuda") \
+                    if args.graph_flush_mb else None
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     for _ in range(calls):
+                        if flush is not None:  # as the benchmark's timer does before each sample
+                            flush.zero_()
+                        if args.graph_sleep_us:  # the GPU busy, NVLink idle, ranks still in step
+                            torch.cuda._sleep(int(args.graph_sleep_us * clock_mhz))
                         captured = buf.dispatch(x, idx, weights, scales=scales)
                         buf.combine(y, captured.handle)
                 graph.replay()
                 torch.cuda.synchronize()
                 dist.barrier()
+            if args.bench_method:  # hybrid_ep_infer/bench/timing.py's L2 flush and device barrier
+                bench_flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+                bench_barrier = torch.zeros(1, device="cuda")
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 # Starting the profiler takes a different time on each rank: line the ranks
                 # up again, or the first routing exchange absorbs the difference.
                 dist.barrier()
                 torch.cuda.synchronize()
                 for _ in range(iters):
+                    if args.bench_method:  # each step as one sample of the benchmark's timer
+                        torch.cuda.synchronize()
+                        bench_flush.zero_()
+                        dist.all_reduce(bench_barrier)
+                        torch.cuda._sleep(200_000)
                     if graph is not None:
                         graph.replay()
                     else:
@@ -126,6 +147,17 @@ def worker(rank: int, args) -> None:
                 if rank == 0:
                     print_ranks_timeline(every, iters)
     dist.destroy_process_group()
+
+
+def sleep_cycles_per_us() -> float:
+    """torch.cuda._sleep's cycles per microsecond on this GPU, timed with CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1_000_000)  # warm-up
+    start.record()
+    torch.cuda._sleep(1_000_000)
+    end.record()
+    torch.cuda.synchronize()
+    return 1_000_000 / (start.elapsed_time(end) * 1e3)
 
 
 def kernel_name(key: str) -> str:
@@ -194,6 +226,14 @@ def main() -> None:
     parser.add_argument("--graph-calls", type=int, default=1,
                         help="with --graph: dispatch + combine pairs captured in the graph (back to back "
                         "on the device, without the host between them); the timelines show all of them")
+    parser.add_argument("--graph-sleep-us", type=float, default=0.0,
+                        help="with --graph: a GPU sleep of about this long before each captured call")
+    parser.add_argument("--graph-flush-mb", type=int, default=0,
+                        help="with --graph: rewrite a buffer of this many MB before each captured call "
+                        "(the benchmark's L2 flush uses 256)")
+    parser.add_argument("--bench-method", action="store_true",
+                        help="start each profiled step as the benchmark starts a sample: host sync, "
+                        "L2 flush, device barrier (NCCL all-reduce), GPU sleep")
     parser.add_argument("--all-ranks", action="store_true",
                         help="also every rank's kernels on one clock (where each rank waits)")
     parser.add_argument("--num-sms", type=int, nargs="+", default=[24])
