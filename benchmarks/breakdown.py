@@ -4,7 +4,7 @@
                                    [--local-experts 8] [--num-sms 24 48 ...]
                                    [--no-tune] [--tuning 4,1,0,0,13,1] [--fp8]
                                    [--graph [--graph-calls N] [--graph-sleep-us U] [--graph-flush-mb M]]
-                                   [--bench-method] [--all-ranks]
+                                   [--bench-method] [--host-ahead-ms MS] [--all-ranks]
 
 Spawns one process per GPU, runs uniform routing, profiles 10 calls with
 torch.profiler and prints, for rank 0, the mean device time of each kernel and the
@@ -18,7 +18,8 @@ launched it; the others start when the call before ended), --graph-sleep-us U wi
 GPU sleep before each (the GPU busy, NVLink idle, the ranks still in step), and
 --graph-flush-mb M after rewriting M MB (the benchmark flushes L2 so). --bench-method
 starts each profiled step as hybrid_ep_infer/bench/timing.py starts a sample (host sync,
-L2 flush, device barrier, GPU sleep). --all-ranks
+L2 flush, device barrier, GPU sleep); --host-ahead-ms MS lets the host enqueue every
+step during a GPU sleep first, so the GPU never waits for the host. --all-ranks
 adds every rank's kernels on one clock (the profilers' host clock): per kernel and rank,
 the mean start and end since the step's first kernel started on any rank, which shows
 where each rank waits.
@@ -106,6 +107,8 @@ def worker(rank: int, args) -> None:
                 # up again, or the first routing exchange absorbs the difference.
                 dist.barrier()
                 torch.cuda.synchronize()
+                if args.host_ahead_ms:  # the host enqueues every step while the GPU sleeps
+                    torch.cuda._sleep(int(args.host_ahead_ms * 1e3 * sleep_cycles_per_us()))
                 for _ in range(iters):
                     if args.bench_method:  # each step as one sample of the benchmark's timer
                         torch.cuda.synchronize()
@@ -234,6 +237,9 @@ def main() -> None:
     parser.add_argument("--bench-method", action="store_true",
                         help="start each profiled step as the benchmark starts a sample: host sync, "
                         "L2 flush, device barrier (NCCL all-reduce), GPU sleep")
+    parser.add_argument("--host-ahead-ms", type=float, default=0.0,
+                        help="a GPU sleep this long before the profiled steps, so that the host has "
+                        "enqueued them all and the GPU never waits for it between steps")
     parser.add_argument("--all-ranks", action="store_true",
                         help="also every rank's kernels on one clock (where each rank waits)")
     parser.add_argument("--num-sms", type=int, nargs="+", default=[24])
