@@ -83,8 +83,8 @@ def worker(rank: int, args) -> None:
             iters = 10
             graph = None
             calls = args.graph_calls if args.graph else 1  # dispatch + combine pairs per profiled step
+            cycles_per_us = sleep_cycles_per_us() if args.graph_sleep_us or args.host_ahead_ms else 0.0
             if args.graph:
-                clock_mhz = sleep_cycles_per_us() if args.graph_sleep_us else 0.0
                 flush = torch.empty(args.graph_flush_mb << 20, dtype=torch.uint8, device="cuda") \
                     if args.graph_flush_mb else None
                 graph = torch.cuda.CUDAGraph()
@@ -93,7 +93,7 @@ def worker(rank: int, args) -> None:
                         if flush is not None:  # as the benchmark's timer does before each sample
                             flush.zero_()
                         if args.graph_sleep_us:  # the GPU busy, NVLink idle, ranks still in step
-                            torch.cuda._sleep(int(args.graph_sleep_us * clock_mhz))
+                            torch.cuda._sleep(int(args.graph_sleep_us * cycles_per_us))
                         captured = buf.dispatch(x, idx, weights, scales=scales)
                         buf.combine(y, captured.handle)
                 graph.replay()
@@ -108,7 +108,7 @@ def worker(rank: int, args) -> None:
                 dist.barrier()
                 torch.cuda.synchronize()
                 if args.host_ahead_ms:  # the host enqueues every step while the GPU sleeps
-                    torch.cuda._sleep(int(args.host_ahead_ms * 1e3 * sleep_cycles_per_us()))
+                    torch.cuda._sleep(int(args.host_ahead_ms * 1e3 * cycles_per_us))
                 for _ in range(iters):
                     if args.bench_method:  # each step as one sample of the benchmark's timer
                         torch.cuda.synchronize()
@@ -195,26 +195,27 @@ def print_timeline(prof, iters: int, how: str) -> None:
 
 
 def print_ranks_timeline(every: list[list[tuple[float, float, str]]], iters: int) -> None:
-    """`every[r]`: rank r's kernels (start, end, name) on a common clock. Per position in a
-    call and per rank, the mean start and end since the call's first kernel started on any
-    rank; then the mean time between the calls' first starts."""
+    """`every[r]`: rank r's kernels (start, end, name) on a common clock, `iters` steps (an
+    eager call or a graph replay) of them. Per position in a step and per rank, the mean
+    start and end since the step's first kernel started on any rank; then the mean time
+    between the steps' first starts."""
     if any(len(kernels) != len(every[0]) or len(kernels) % iters for kernels in every) or not every[0]:
-        print(f"  (ranks timeline: {[len(k) for k in every]} kernels for {iters} calls, not shown)")
+        print(f"  (ranks timeline: {[len(k) for k in every]} kernels for {iters} steps, not shown)")
         return
-    per_call = len(every[0]) // iters
-    origins = [min(kernels[c * per_call][0] for kernels in every) for c in range(iters)]
-    print(f"  every rank, one clock (mean of {iters} calls; start-end in us since the call's first start on any rank):")
+    per_step = len(every[0]) // iters
+    origins = [min(kernels[c * per_step][0] for kernels in every) for c in range(iters)]
+    print(f"  every rank, one clock (mean of {iters} steps; start-end in us since the step's first start on any rank):")
     print("    " + " " * 28 + "".join(f"{'rank ' + str(r):>16s}" for r in range(len(every))))
-    for i in range(per_call):
+    for i in range(per_step):
         line = f"    {every[0][i][2]:28s}"
         for kernels in every:
-            runs = [kernels[c * per_call + i] for c in range(iters)]
+            runs = [kernels[c * per_step + i] for c in range(iters)]
             start = sum(run[0] - origin for run, origin in zip(runs, origins)) / iters
             end = sum(run[1] - origin for run, origin in zip(runs, origins)) / iters
             line += f"{start:8.1f}-{end:<7.1f}"
         print(line)
     if iters > 1:
-        print(f"    call to call: {(origins[-1] - origins[0]) / (iters - 1):.1f} us")
+        print(f"    step to step: {(origins[-1] - origins[0]) / (iters - 1):.1f} us")
 
 
 def main() -> None:
@@ -250,6 +251,10 @@ def main() -> None:
     parser.add_argument("--no-tune", action="store_true", help="skip the construction-time tuner (built-in defaults)")
     parser.add_argument("--tuning", help="force a tuning: send_warps,chunk,send_tma,expand_tma,reduce_warps,chunk")
     args = parser.parse_args()
+    if not args.graph and (args.graph_calls != 1 or args.graph_sleep_us or args.graph_flush_mb):
+        parser.error("--graph-calls, --graph-sleep-us and --graph-flush-mb need --graph")
+    if args.graph_calls < 1:
+        parser.error("--graph-calls must be at least 1")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     if args.rank is not None:
         worker(args.rank, args)

@@ -49,17 +49,24 @@ def test_nvlink_ceiling_tool_compiles(tmp_path):
     assert (tmp_path / "nvlink_ceiling").stat().st_size > 0
 
 
-def test_breakdown_timeline_durations_and_gaps(capsys):
-    """benchmarks/breakdown.py's timeline: kernels of each call in start order, the mean
-    duration per position and the mean gap since the previous kernel of the call ended
-    (fed stand-in profiler events: the script itself runs only on GPU machines)."""
+def _load_breakdown():
+    """benchmarks/breakdown.py as a module (it is a script, not part of the package)."""
     import importlib.util
-    import types
 
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "breakdown.py"
     spec = importlib.util.spec_from_file_location("breakdown", path)
     breakdown = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(breakdown)
+    return breakdown
+
+
+def test_breakdown_timeline_durations_and_gaps(capsys):
+    """benchmarks/breakdown.py's timeline: kernels of each call in start order, the mean
+    duration per position and the mean gap since the previous kernel of the call ended
+    (fed stand-in profiler events: the script itself runs only on GPU machines)."""
+    import types
+
+    breakdown = _load_breakdown()
 
     def kernel(name, start, end):
         return types.SimpleNamespace(key=f"void hep::{name}(hep::DispatchParams)", device_type="DeviceType.CUDA",
@@ -82,26 +89,21 @@ def test_breakdown_timeline_durations_and_gaps(capsys):
 
 def test_breakdown_ranks_timeline(capsys):
     """benchmarks/breakdown.py --all-ranks: per kernel and rank, the mean start and end since
-    the call's first start on any rank (stand-in kernel lists: GPU machines only run it)."""
-    import importlib.util
+    the step's first start on any rank (stand-in kernel lists: GPU machines only run it)."""
+    breakdown = _load_breakdown()
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "breakdown.py"
-    spec = importlib.util.spec_from_file_location("breakdown", path)
-    breakdown = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(breakdown)
-
-    # Two calls of (publish, scan) on two ranks; rank 1 starts 4 us after rank 0 in call 1
-    # and 2 us before it in call 2 (origins 1000 and 1098).
+    # Two steps of (publish, scan) on two ranks; rank 1 starts 4 us after rank 0 in step 1
+    # and 2 us before it in step 2 (origins 1000 and 1098).
     rank0 = [(1000.0, 1010.0, "publish"), (1011.0, 1020.0, "scan"), (1100.0, 1108.0, "publish"), (1109.0, 1112.0, "scan")]
     rank1 = [(1004.0, 1012.0, "publish"), (1013.0, 1021.0, "scan"), (1098.0, 1104.0, "publish"), (1105.0, 1113.0, "scan")]
     breakdown.print_ranks_timeline([rank0, rank1], 2)
     lines = capsys.readouterr().out.splitlines()
-    assert "mean of 2 calls" in lines[0]
+    assert "mean of 2 steps" in lines[0]
     # rank 0: publish (0-10, 2-10) -> 1.0-10.0, scan (11-20, 11-14) -> 11.0-17.0
     # rank 1: publish (4-12, 0-6) -> 2.0-9.0, scan (13-21, 7-15) -> 10.0-18.0
     assert lines[2].split() == ["publish", "1.0-10.0", "2.0-9.0"]
     assert lines[3].split() == ["scan", "11.0-17.0", "10.0-18.0"]
-    assert lines[4].split() == ["call", "to", "call:", "98.0", "us"]
+    assert lines[4].split() == ["step", "to", "step:", "98.0", "us"]
 
     breakdown.print_ranks_timeline([rank0, rank1[:3]], 2)
     assert "not shown" in capsys.readouterr().out  # rank 1 lost a kernel
