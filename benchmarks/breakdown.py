@@ -99,9 +99,10 @@ def worker(rank: int, args) -> None:
                 graph.replay()
                 torch.cuda.synchronize()
                 dist.barrier()
-            if args.bench_method:  # hybrid_ep_infer/bench/timing.py's L2 flush and device barrier
-                bench_flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-                bench_barrier = torch.zeros(1, device="cuda")
+            if args.bench_method:
+                from hybrid_ep_infer.bench.timing import Timer
+
+                bench_timer = Timer(torch.device("cuda", rank), samples=iters)
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 # Starting the profiler takes a different time on each rank: line the ranks
                 # up again, or the first routing exchange absorbs the difference.
@@ -111,10 +112,7 @@ def worker(rank: int, args) -> None:
                     torch.cuda._sleep(int(args.host_ahead_ms * 1e3 * cycles_per_us))
                 for _ in range(iters):
                     if args.bench_method:  # each step as one sample of the benchmark's timer
-                        torch.cuda.synchronize()
-                        bench_flush.zero_()
-                        dist.all_reduce(bench_barrier)
-                        torch.cuda._sleep(200_000)
+                        bench_timer.start_sample()
                     if graph is not None:
                         graph.replay()
                     else:

@@ -25,15 +25,20 @@ class Timer:
         self._flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device) if self.cuda else None
         self._barrier = torch.zeros(1, dtype=torch.float32, device=device) if self.cuda else None
 
+    def start_sample(self) -> None:
+        """What comes before each timed CUDA sample: a host sync, the L2 flush, the device
+        barrier and a GPU sleep (benchmarks/breakdown.py --bench-method profiles after it)."""
+        torch.cuda.synchronize(self.device)  # nothing of the previous sample in flight
+        self._flush.zero_()
+        dist.all_reduce(self._barrier)  # device barrier: the stream waits, the host does not
+        # ~100 us of GPU sleep after the barrier, so the host has enqueued the call
+        # before the clock starts (otherwise a late host lands in the sample).
+        torch.cuda._sleep(200_000)
+
     def _one(self, fn) -> float:
         if self.cuda:
-            torch.cuda.synchronize(self.device)  # nothing of the previous sample in flight
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self._flush.zero_()
-            dist.all_reduce(self._barrier)  # device barrier: the stream waits, the host does not
-            # ~100 us of GPU sleep after the barrier, so the host has enqueued the call
-            # before the clock starts (otherwise a late host lands in the sample).
-            torch.cuda._sleep(200_000)
+            self.start_sample()
             start.record()
             fn()
             end.record()
