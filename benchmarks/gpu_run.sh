@@ -22,12 +22,27 @@
 #   HYBRID_EP_INFER_LIBRARY=$PWD/variants/x.so bash benchmarks/gpu_run.sh smoke   # another build
 #                                          # (benchmarks/build_variant.sh builds a git ref into variants/)
 #
+# One GPU for every multi-rank test: --one-gpu (first argument) runs the tiers that follow
+# with W ranks sharing GPU 0 under CUDA MPS (started here, stopped on exit, also on failure
+# or timeout): the test tiers at W = 2,3,4,8 (smoke) and 2,4,8 (slow, full); bench with
+# --ranks W. This measures launch and protocol cost, not NVLink bandwidth.
+#   bash benchmarks/gpu_run.sh --one-gpu smoke          # <= 3 min
+#   bash benchmarks/gpu_run.sh --one-gpu full           # every GPU test file at W = 2, 4, 8
+#   WORLD_SIZES=8 TESTS=tests/test_cuda_reliability.py bash benchmarks/gpu_run.sh --one-gpu slow
+#   BENCH_RANKS="2 4 8" bash benchmarks/gpu_run.sh --one-gpu bench   # the decode table per W
+#   TIER_TIMEOUT=540 ...                   # seconds each test tier may take (default 570)
+#
 # More than 8 files under $OUT are packed into $OUT/logs.tgz at the end (results.md,
 # results.json and machine.txt stay beside it).
 #
 # The compiled library has no Python ABI, so one built on a CPU machine
 # (cmake -B build && cmake --build build) can be carried as build/libhybrid_ep_infer.so.
 set -uo pipefail
+one_gpu=0
+if [ "${1:-}" = "--one-gpu" ]; then
+  one_gpu=1
+  shift
+fi
 tiers=("${@:-smoke}")
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-logs}
@@ -42,6 +57,24 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
   nvidia-smi topo -m
   python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpus", torch.cuda.device_count())'
 } 2>&1 | tee "$OUT/machine.txt"
+
+# --one-gpu: every rank on GPU 0 under CUDA MPS (without it the ranks' processes time-slice
+# the GPU, about 100 times slower). A daemon left by an earlier call that was killed is
+# restarted, so this call starts from a fresh server.
+stop_mps() {
+  if pgrep -x nvidia-cuda-mps-control >/dev/null 2>&1; then
+    echo quit | timeout 30 nvidia-cuda-mps-control || pkill -9 -x nvidia-cuda-mps-control
+    sleep 1
+  fi
+}
+if [ "$one_gpu" -eq 1 ]; then
+  export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} HYBRID_EP_INFER_TEST_SHARE_GPU=1
+  stop_mps
+  nvidia-cuda-mps-control -d || { echo "could not start the CUDA MPS daemon"; exit 1; }
+  trap stop_mps EXIT
+  trap 'exit 130' INT TERM
+  echo "one GPU: ranks share GPU $CUDA_VISIBLE_DEVICES under CUDA MPS" | tee -a "$OUT/machine.txt"
+fi
 
 if [ ! -f build/libhybrid_ep_infer.so ]; then
   echo "== building (system compiler; the /opt/gcc preset links libstdc++ statically)"
@@ -91,12 +124,23 @@ run_ceiling() {
 }
 
 run_bench() {
-  local configs=${BENCH_CONFIGS:-decode qwen-2048 mixtral-4096 prefill-7168} files=() status=0
-  for config in $configs; do
-    echo "== benchmark: $config"
-    timeout "${BENCH_TIMEOUT:-400}" python3 -m hybrid_ep_infer.bench --config "$config" --json "$OUT/bench-$config.json" \
-      --plot "$OUT/bench-$config.png" ${BENCH_ARGS:-} 2>&1 | grep -v -e UserWarning -e "return func" | tee "$OUT/bench-$config.log"
-    [ "${PIPESTATUS[0]}" -eq 0 ] && files+=("$OUT/bench-$config.json") || status=1
+  local configs=${BENCH_CONFIGS:-decode qwen-2048 mixtral-4096 prefill-7168} files=() status=0 ranks name
+  [ "$one_gpu" -eq 1 ] && configs=${BENCH_CONFIGS:-decode}
+  for ranks in ${BENCH_RANKS:-default}; do
+    for config in $configs; do
+      name=$config
+      rank_args=()
+      if [ "$ranks" != default ]; then
+        name=$config-w$ranks
+        rank_args=(--ranks "$ranks")
+      fi
+      echo "== benchmark: $name"
+      # shellcheck disable=SC2086
+      timeout "${BENCH_TIMEOUT:-400}" python3 -m hybrid_ep_infer.bench --config "$config" "${rank_args[@]}" \
+        --json "$OUT/bench-$name.json" ${BENCH_ARGS:-} 2>&1 | grep -v -e UserWarning -e "return func" |
+        tee "$OUT/bench-$name.log"
+      [ "${PIPESTATUS[0]}" -eq 0 ] && files+=("$OUT/bench-$name.json") || status=1
+    done
   done
   [ ${#files[@]} -gt 0 ] && python3 benchmarks/results_table.py --merge-into "$OUT/results.json" "${files[@]}" >"$OUT/results.md"
   return $status
@@ -104,8 +148,9 @@ run_bench() {
 
 status=0
 for tier in "${tiers[@]}"; do
+  sizes=2,4,8
   case "$tier" in
-    smoke) markers="gpu and not slow" ;;
+    smoke) markers="gpu and not slow"; sizes=2,3,4,8 ;;
     slow) markers="gpu and slow" ;;
     full) markers="gpu" ;;
     bench) run_bench; status=$?; [ "$status" -eq 0 ] || break; continue ;;
@@ -113,8 +158,14 @@ for tier in "${tiers[@]}"; do
     breakdown) run_breakdown 2>&1 | tee "$OUT/breakdown.txt"; status=${PIPESTATUS[0]}; [ "$status" -eq 0 ] || break; continue ;;
     *) echo "unknown tier $tier (smoke, slow, full, bench, breakdown, ceiling)"; exit 2 ;;
   esac
+  if [ "$one_gpu" -eq 1 ]; then
+    export HYBRID_EP_INFER_TEST_WORLD_SIZES=${WORLD_SIZES:-$sizes}
+    echo "== $tier on one GPU: W = $HYBRID_EP_INFER_TEST_WORLD_SIZES"
+  fi
   echo "== $tier: pytest -m '$markers'"
-  python3 -m pytest ${TESTS:-tests} -m "$markers" -q -rs -s -x --junitxml="$OUT/pytest-$tier.xml" 2>&1 | tee "$OUT/pytest-$tier.log"
+  # shellcheck disable=SC2086
+  timeout -k 10 "${TIER_TIMEOUT:-570}" python3 -m pytest ${TESTS:-tests} -m "$markers" -q -rs -s -x \
+    --durations=15 --junitxml="$OUT/pytest-$tier.xml" 2>&1 | tee "$OUT/pytest-$tier.log"
   status=${PIPESTATUS[0]}
   [ "$status" -eq 0 ] || break
 done

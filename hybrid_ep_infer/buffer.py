@@ -15,8 +15,8 @@ import torch.distributed as dist
 
 from . import _native
 from .config import BufferConfig
-from .errors import BufferClosedError, PeerTimeoutError, raise_for_errors
-from .cuda_backend import PHASE_NAMES, CudaBackend
+from .cuda_backend import CudaBackend
+from .errors import PHASE_NAMES, BufferClosedError, PeerTimeoutError, raise_for_errors
 from .reference import ReferenceBackend
 from .validation import check_combine_args, check_dispatch_args
 
@@ -107,9 +107,11 @@ class EPBuffer:
             worst case, so nothing can overflow. A smaller one is opt-in: rows past
             it are dropped and counted (see :meth:`check_errors`).
         num_sms: CUDA backend: blocks (one per SM) of each of the two copy kernels —
-            dispatch's transfer and combine (``None``: 24); at most the device's SM
-            count. Dispatch's planning kernels use at most as many blocks, except
-            the routing publish (16 blocks).
+            dispatch's transfer and combine. ``None``: 24, lowered where ranks share
+            this GPU (processes under CUDA MPS) to ``SMs // ranks on the GPU``, so that
+            every rank's blocks are resident at once. An explicit value above that
+            raises ``ValueError``. Dispatch's planning kernels use at most as many
+            blocks, except the routing publish (16 blocks, which wait for nobody).
         timeout_s: bound on every wait for a peer (CUDA backend).
         tune: CUDA backend: time a few splits of the copy kernels' warps, chunk sizes
             and copy methods on synthetic routing of this shape at construction and
@@ -170,6 +172,7 @@ class EPBuffer:
         self.device = _resolve_device(device, backend, group)
         if backend == "cuda":
             self._backend = CudaBackend(self.config, group, self.device, num_sms, self.timeout_s, tune=bool(tune))
+            self.num_sms = self._backend.desc.num_sms  # as fitted to the ranks that share this GPU
         else:
             self._backend = ReferenceBackend(self.config, group, self.device)
         self._id = next(_buffer_ids)

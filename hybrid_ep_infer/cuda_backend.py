@@ -11,15 +11,12 @@ import ctypes
 
 import torch
 
-from . import _native, tuning
+from . import _native, placement, tuning
 from .config import CONTIGUOUS, BufferConfig
 from .errors import ErrorSnapshot
 from .peer_memory import PeerWorkspace
 from .validation import DispatchArgs, DispatchOutputs
 
-DEFAULT_NUM_SMS = 24
-# Wait phases of csrc/common/wait.cuh, for messages.
-PHASE_NAMES = {1: "dispatch (routing exchange)", 2: "dispatch (token rows)", 3: "combine (partials)"}
 
 
 class CudaBackend:
@@ -32,16 +29,18 @@ class CudaBackend:
         self.config = config
         self.device = device
         c = config
-        # The copy kernels' blocks wait on each other, so all must be resident: one per SM.
+        # The copy kernels' blocks wait on each other and on peers, so all of them, of every
+        # rank on this GPU, must be resident at once: one SM each (placement.fit_num_sms).
         sm_count = torch.cuda.get_device_properties(device).multi_processor_count
-        if num_sms is not None and num_sms > sm_count:
-            raise ValueError(f"num_sms={num_sms} exceeds the {sm_count} SMs of {device}")
+        uuids = placement.device_uuids(group, device)
+        self.ranks_on_device = [r for r, uuid in enumerate(uuids) if uuid == uuids[config.rank]]
+        num_sms = placement.fit_num_sms(num_sms, sm_count, placement.busiest_gpu_ranks(uuids), device)
         self.desc = _native.BufferDesc(
             size=ctypes.sizeof(_native.BufferDesc), version=_native.API_VERSION, rank=c.rank,
             world_size=c.world_size, hidden=c.hidden, max_tokens=c.max_tokens, num_experts=c.num_experts,
             top_k=c.top_k, payload_bytes=torch.empty((), dtype=c.dtype).element_size(), has_scales=int(c.is_fp8),
             layout=0 if c.layout == CONTIGUOUS else 1, pad_multiple=c.pad_multiple, capacity=c.capacity,
-            num_sms=num_sms or DEFAULT_NUM_SMS, timeout_ns=int(timeout_s * 1e9))
+            num_sms=num_sms, timeout_ns=int(timeout_s * 1e9))
         self.layout = _native.workspace_layout(self.desc)
         self.output_copies = 0  # dispatches that had to copy into a compiler's functional outputs
         self.context = _native.NativeContext(device)

@@ -37,6 +37,9 @@ _DESCRIPTIONS = {
     ErrorKind.TIMEOUT: "wait for a peer timed out",
 }
 
+# Wait phases of csrc/common/wait.cuh (timeout_phase in the error block), for messages.
+PHASE_NAMES = {1: "dispatch (routing exchange)", 2: "dispatch (token rows)", 3: "combine (partials)"}
+
 
 class HybridEPError(RuntimeError):
     """Base class of the library's runtime errors."""

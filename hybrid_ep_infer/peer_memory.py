@@ -16,9 +16,9 @@ from __future__ import annotations
 import threading
 
 import torch
-import torch.distributed as dist
 
 from .errors import HybridEPError
+from .placement import all_gather_bytes
 
 _lock = threading.Lock()
 _mapped = 0
@@ -76,8 +76,7 @@ class PeerWorkspace:
                 _call(cu.cuMemsetD8(self._local, 0, nbytes), "zeroing the workspace")
                 _call(cu.cuCtxSynchronize(), "zeroing the workspace")  # zero before any peer can map it
                 blob = bytes(_call(cu.cuIpcGetMemHandle(self._local), "exporting the workspace").reserved)
-                blobs = [None] * world_size
-                dist.all_gather_object(blobs, blob, group=group)
+                blobs = all_gather_bytes(blob, group)
                 self.pointers = []
                 for r, peer_blob in enumerate(blobs):
                     if r == rank:

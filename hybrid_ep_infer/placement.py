@@ -45,16 +45,20 @@ def all_gather_bytes(blob: bytes, group) -> list[bytes]:
     return [bytes(g[: int(s.item())].cpu().tolist()) for g, s in zip(gathered, sizes)]
 
 
-def ranks_sharing_device(group, device: torch.device) -> list[int]:
-    """Ranks of ``group`` (this one included) whose GPU is ``device``'s, by device UUID.
-    A collective over ``group``."""
-    uuid = str(torch.cuda.get_device_properties(device).uuid).encode()
-    uuids = all_gather_bytes(uuid, group)
-    return [r for r, other in enumerate(uuids) if other == uuid]
+def device_uuids(group, device: torch.device) -> list[bytes]:
+    """Every rank's GPU (its UUID), in rank order. A collective over ``group``."""
+    return all_gather_bytes(str(torch.cuda.get_device_properties(device).uuid).encode(), group)
+
+
+def busiest_gpu_ranks(uuids: list[bytes]) -> int:
+    """The most ranks that share one GPU: the same number on every rank of the group, so
+    every rank sizes its kernels alike (and raises alike)."""
+    return max(uuids.count(u) for u in uuids)
 
 
 def fit_num_sms(requested: int | None, sm_count: int, sharing_ranks: int, device) -> int:
-    """Blocks per copy kernel such that every sharing rank's blocks are resident at once.
+    """Blocks per copy kernel such that the blocks of ``sharing_ranks`` ranks on one GPU
+    of ``sm_count`` SMs are resident at once.
 
     ``None``: :data:`DEFAULT_NUM_SMS`, lowered to ``sm_count // sharing_ranks``. An
     explicit value that does not fit raises ``ValueError`` naming the numbers (a kernel

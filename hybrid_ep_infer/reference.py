@@ -74,6 +74,9 @@ class ReferenceBackend:
         self.config = config
         self.group = group
         self.device = device
+        # Collectives move CPU tensors over gloo (which also serves ranks that share a GPU,
+        # where NCCL refuses to run) and device tensors over NCCL.
+        self._wire_device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
         c = config
         rows = c.row_shape
         # Outputs live here for the buffer's lifetime, like the CUDA backend's, so
@@ -225,18 +228,18 @@ class ReferenceBackend:
     def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """``[W, *t.shape]`` of every rank's ``t``, moved as bytes (gloo lacks some dtypes)."""
         t = t.contiguous()
-        flat = t.view(-1).view(torch.uint8)
+        flat = t.view(-1).view(torch.uint8).to(self._wire_device)
         gathered = [torch.empty_like(flat) for _ in range(self.config.world_size)]
         dist.all_gather(gathered, flat, group=self.group)
-        return torch.stack(gathered).view(t.dtype).view(self.config.world_size, *t.shape)
+        return torch.stack(gathered).to(t.device).view(t.dtype).view(self.config.world_size, *t.shape)
 
     def _all_to_all(self, t: torch.Tensor) -> torch.Tensor:
         """Exchange ``t[r]`` with rank r (dim 0 is the peer); returns what each peer sent us."""
         W = self.config.world_size
-        send = t.contiguous().view(W, -1).view(torch.uint8)
+        send = t.contiguous().view(W, -1).view(torch.uint8).to(self._wire_device)
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)
-        return recv.view(t.dtype).view(t.shape)
+        return recv.to(t.device).view(t.dtype).view(t.shape)
 
 
 def _pad_rows(t: torch.Tensor, rows: int, fill=0) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .config import CONTIGUOUS, BufferConfig
-from .errors import raise_for_errors
+from .errors import PHASE_NAMES, raise_for_errors
 
 # Dispatch: sender warps per block, tokens per flag release, NVLink writes and expand
 # through the copy engine (1) or with warp copies (0).
@@ -76,15 +76,11 @@ def _measure(backend, group) -> tuple[dict[str, int], list[tuple[str, tuple, flo
         times += [_time(lambda: context.set_tuning(**dict(zip(COMBINE_FIELDS, candidate))), combine, device)
                   for candidate in COMBINE_CANDIDATES]
     torch.cuda.synchronize(device)
-    from .cuda_backend import PHASE_NAMES  # (cuda_backend imports this module)
-
     # Synthetic routing is valid: anything here is a timeout (a peer that is not tuning too).
     raise_for_errors(context.take_errors(), rank=config.rank, num_experts=config.num_experts,
                      phase_names=PHASE_NAMES)
 
-    gathered = [None] * config.world_size
-    dist.all_gather_object(gathered, times, group=group)
-    chosen, report = choose(gathered)
+    chosen, report = choose(_all_gather_times(times, group))
     if y is None:  # the defaults (attach set them; nothing has changed the combine fields yet)
         defaults = context.get_tuning()
         chosen.update((name, defaults[name]) for name in COMBINE_FIELDS)
@@ -106,6 +102,16 @@ def choose(gathered: list[list[float]]) -> tuple[dict[str, int], list[tuple[str,
         k = min(range(len(combine_times)), key=lambda i: combine_times[i])
         chosen.update(zip(COMBINE_FIELDS, COMBINE_CANDIDATES[k]))
     return chosen, report
+
+
+def _all_gather_times(times: list[float], group) -> list[list[float]]:
+    """Every rank's candidate times, in rank order (a tensor collective: CPU for gloo,
+    the current CUDA device for NCCL)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    mine = torch.tensor(times, dtype=torch.float64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    return [g.cpu().tolist() for g in gathered]
 
 
 def _time(configure, call, device) -> float:

@@ -8,13 +8,21 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests import their helpers by m
 
 
 def pytest_collection_modifyitems(config, items):
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    from dist_utils import gpu_count, placement_problem
+
+    gpus = gpu_count()
     for item in items:
-        if "gpu" in item.keywords and gpus == 0:
+        if "gpu" not in item.keywords:
+            continue
+        if gpus == 0:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none is visible here"))
-        marker = item.get_closest_marker("multigpu")
-        if marker is not None and gpus < marker.args[0]:
-            item.add_marker(pytest.mark.skip(reason=f"needs {marker.args[0]} CUDA GPUs; {gpus} visible"))
+            continue
+        # Multi-rank GPU tests take their rank count as the parameter world_size.
+        callspec = getattr(item, "callspec", None)
+        ranks = callspec.params.get("world_size") if callspec is not None else None
+        problem = placement_problem(ranks) if ranks is not None else None
+        if problem is not None:
+            item.add_marker(pytest.mark.skip(reason=problem))
 
 
 @pytest.fixture(scope="session")

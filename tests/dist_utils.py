@@ -2,6 +2,12 @@
 
 Workers are module-level functions ``worker(rank, world_size, *args)``. A failure
 in any rank fails the test with that rank's traceback.
+
+GPU tests place their ranks here, in one place: one process per GPU by default
+(over NCCL); with ``HYBRID_EP_INFER_TEST_SHARE_GPU=1`` the ranks share the visible GPUs
+round-robin (``placement.gpu_for_rank``; start CUDA MPS first) over gloo, since NCCL
+refuses two ranks on one GPU. ``HYBRID_EP_INFER_TEST_WORLD_SIZES=2,4,8`` sets the rank
+counts every multi-rank GPU test runs at (``benchmarks/gpu_run.sh onegpu`` sets both).
 """
 
 from __future__ import annotations
@@ -14,6 +20,57 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from hybrid_ep_infer.placement import gpu_for_rank
+
+SHARE_GPU_ENV = "HYBRID_EP_INFER_TEST_SHARE_GPU"
+WORLD_SIZES_ENV = "HYBRID_EP_INFER_TEST_WORLD_SIZES"
+# Ranks of one test (every rank's blocks must fit the GPU's SMs: EPBuffer checks).
+MAX_SHARED_RANKS = 8
+
+
+def gpu_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def ranks_share_gpus() -> bool:
+    return os.environ.get(SHARE_GPU_ENV, "") == "1"
+
+
+def gpu_world_sizes(default: tuple[int, ...]) -> list[int]:
+    """The rank counts of a multi-rank GPU test: the environment's, else ``default``."""
+    text = os.environ.get(WORLD_SIZES_ENV, "").strip()
+    if not text:
+        return list(default)
+    sizes = [int(w) for w in text.replace(" ", "").split(",") if w]
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"{WORLD_SIZES_ENV}={text!r}: expected positive rank counts, e.g. 2,4,8")
+    return sizes
+
+
+def placement_problem(world_size: int) -> str | None:
+    """Why ``world_size`` ranks cannot run on the GPUs here, or None."""
+    gpus = gpu_count()
+    if gpus == 0:
+        return "needs a CUDA GPU; none is visible here"
+    if ranks_share_gpus():
+        if world_size > MAX_SHARED_RANKS * gpus:
+            return f"{world_size} ranks on {gpus} shared GPU(s): at most {MAX_SHARED_RANKS} per GPU"
+        return None
+    if world_size > gpus:
+        return (f"needs {world_size} CUDA GPUs; {gpus} visible (or set {SHARE_GPU_ENV}=1 and start CUDA MPS to "
+                f"run the ranks on shared GPUs)")
+    return None
+
+
+def rank_device(rank: int) -> torch.device:
+    """The GPU of ``rank`` in a GPU test (the one rank -> GPU map)."""
+    return torch.device("cuda", gpu_for_rank(rank, gpu_count()))
+
+
+def gpu_backend() -> str:
+    """The process group of GPU tests: NCCL with one rank per GPU, gloo where ranks share one."""
+    return "gloo" if ranks_share_gpus() else "nccl"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -23,8 +80,8 @@ def free_port() -> int:
 
 def _entry(rank: int, world_size: int, port: int, backend: str, worker, args) -> None:
     torch.set_num_threads(1)  # the CI machine has 2 cores for up to 4 ranks
-    if backend == "nccl":
-        torch.cuda.set_device(rank)
+    if backend == "nccl" or (gpu_count() and ranks_share_gpus()):
+        torch.cuda.set_device(rank_device(rank))
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         worker(rank, world_size, *args)
@@ -46,6 +103,12 @@ def spawn(world_size: int, worker, *args, backend: str = "gloo") -> None:
     mp.spawn(_entry, args=(world_size, free_port(), backend, worker, args), nprocs=world_size, join=True)
 
 
+def spawn_gpu(world_size: int, worker, *args) -> None:
+    """:func:`spawn` for GPU tests: each rank's device set from :func:`rank_device`, the
+    process group from :func:`gpu_backend`. Workers use ``torch.cuda.current_device()``."""
+    spawn(world_size, worker, *args, backend=gpu_backend())
+
+
 def single_rank_group() -> None:
     """Initialise a 1-rank gloo group in this process if none exists (for in-process tests)."""
     if not dist.is_initialized():
@@ -56,8 +119,8 @@ def _raw_entry(rank: int, world_size: int, port: int, backend: str, worker, args
     import traceback
 
     try:
-        if torch.cuda.is_available() and rank < torch.cuda.device_count():
-            torch.cuda.set_device(rank)  # also under gloo: the CUDA backend needs the device
+        if gpu_count() and (ranks_share_gpus() or rank < gpu_count()):
+            torch.cuda.set_device(rank_device(rank))  # also under gloo: the CUDA backend needs the device
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
         worker(rank, world_size, *args)
     except BaseException:  # noqa: BLE001 - reported through the exit code

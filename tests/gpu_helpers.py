@@ -87,6 +87,7 @@ def assert_same_errors(a: EPBuffer, b: EPBuffer, what: str = "") -> None:
 
 
 def max_over_ranks(value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device="cuda")
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # gloo: ranks that share a GPU
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()

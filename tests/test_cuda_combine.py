@@ -15,13 +15,13 @@ import torch.nn.functional as F
 
 from hybrid_ep_infer._native import NativeError
 
-from dist_utils import spawn
+from dist_utils import gpu_world_sizes, rank_device, spawn_gpu
 from gpu_helpers import assert_dispatch_equal, assert_same_errors, dispatch, make_buffer, max_over_ranks, to_device
 from moe_cases import Case, bits_equal, experts_on_dispatch_output, make_inputs
 
 
 def check_round_trip(rank: int, case: Case, num_tokens: str = "int", tuning: dict | None = None) -> None:
-    device = torch.device("cuda", rank)
+    device = rank_device(rank)
     inp = to_device(make_inputs(case)[rank], device)
     with make_buffer(case, "cuda") as cud, make_buffer(case, "reference", device=device) as ref:
         if tuning is not None:
@@ -48,7 +48,7 @@ def check_combines_with_a_rank_running_ahead(rank: int, world_size: int) -> None
     two halves)."""
     case = Case(world_size=world_size, hidden=2048, max_tokens=128, num_experts=8 * world_size, top_k=8,
                 routing="empty_rank", seed=7)
-    device = torch.device("cuda", rank)
+    device = rank_device(rank)
     inp = to_device(make_inputs(case)[rank], device)
     with make_buffer(case, "cuda") as cud, make_buffer(case, "reference", device=device) as ref:
         got = dispatch(cud, inp, "int")
@@ -140,7 +140,7 @@ def combine_cases(world_size: int, full: bool) -> list[Case]:
 def run_graph_round_trip(rank: int, world_size: int, replays: int) -> None:
     """Dispatch, experts and combine in one graph; replays with fresh inputs and n,
     interleaved with eager calls, equal the reference bit for bit."""
-    device = torch.device("cuda", rank)
+    device = rank_device(rank)
     case = Case(world_size=world_size, hidden=2048, max_tokens=128, num_experts=4 * world_size, top_k=3)
     T, H, K, L = case.max_tokens, case.hidden, case.top_k, case.num_local_experts
     x = torch.empty(T, H, dtype=torch.bfloat16, device=device)
@@ -232,7 +232,7 @@ class SwiGLUExperts:
 def run_moe_layer(rank: int, world_size: int, replays: int) -> None:
     """dispatch -> grouped GEMM (gate/up) -> SiLU*mul -> grouped GEMM (down) -> combine,
     captured once, replayed with fresh routing; rel. L2 <= 1e-2 vs fp32 without EP."""
-    device = torch.device("cuda", rank)
+    device = rank_device(rank)
     H, I, T, E, K = 2048, 2048, 256, 4 * world_size, 4
     experts = SwiGLUExperts(rank, world_size, E, H, I, device)
     x = torch.empty(T, H, dtype=torch.bfloat16, device=device)
@@ -304,7 +304,7 @@ class EPLayer:
 def time_ops(rank: int, world_size: int) -> None:
     """Eager and graph-replayed dispatch, combine and whole layer at H=7168, T=4096,
     E=8W, K=8, uniform routing (printed by rank 0; max over ranks, median of 30)."""
-    device = torch.device("cuda", rank)
+    device = rank_device(rank)
     H, I, T, E, K = 7168, 2048, 4096, 8 * world_size, 8
     experts = SwiGLUExperts(rank, world_size, E, H, I, device, with_reference=False)
     gen = torch.Generator().manual_seed(rank)
@@ -360,7 +360,6 @@ def time_ops(rank: int, world_size: int) -> None:
 
 
 def smoke_worker(rank: int, world_size: int) -> None:
-    torch.cuda.set_device(rank)
     for i, case in enumerate(combine_cases(world_size, full=False)):
         check_round_trip(rank, case, ("int", "device", "default")[i % 3])
     check_combines_with_a_rank_running_ahead(rank, world_size)
@@ -371,7 +370,6 @@ def smoke_worker(rank: int, world_size: int) -> None:
 
 
 def full_worker(rank: int, world_size: int) -> None:
-    torch.cuda.set_device(rank)
     for i, case in enumerate(combine_cases(world_size, full=True)):
         check_round_trip(rank, case, ("int", "device", "default")[i % 3])
     run_graph_round_trip(rank, world_size, replays=120)
@@ -381,20 +379,13 @@ def full_worker(rank: int, world_size: int) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.multigpu(2)
-def test_combine_smoke_two_ranks():
-    spawn(2, smoke_worker, backend="nccl")
+@pytest.mark.parametrize("world_size", gpu_world_sizes((2,)))
+def test_combine_smoke(world_size):
+    spawn_gpu(world_size, smoke_worker)
 
 
 @pytest.mark.gpu
 @pytest.mark.slow
-@pytest.mark.multigpu(4)
-def test_combine_full_four_ranks():
-    spawn(4, full_worker, backend="nccl")
-
-
-@pytest.mark.gpu
-@pytest.mark.slow
-@pytest.mark.multigpu(2)
-def test_combine_full_two_ranks():
-    spawn(2, full_worker, backend="nccl")
+@pytest.mark.parametrize("world_size", gpu_world_sizes((4, 2)))
+def test_combine_full(world_size):
+    spawn_gpu(world_size, full_worker)

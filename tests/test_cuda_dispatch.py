@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_utils import spawn
+from dist_utils import gpu_world_sizes, rank_device, spawn_gpu
 from gpu_helpers import (assert_dispatch_equal, assert_same_errors, dispatch, make_buffer, max_over_ranks, poison,
                          to_device)
 from hybrid_ep_infer import BufferClosedError, PeerTimeoutError, mapped_peer_buffers
@@ -24,7 +24,7 @@ GPU_ROUTINGS = ("random", "skewed", "masked", "invalid", "repeated", "empty_rank
 
 
 def check_case(rank: int, case: Case, num_tokens: str = "int", **buffer_kw) -> None:
-    device = torch.device("cuda", rank)
+    device = rank_device(rank)
     inp = to_device(make_inputs(case)[rank], device)
     with make_buffer(case, "cuda", **buffer_kw) as cud, make_buffer(case, "reference", device=device) as ref:
         for attempt in range(2):  # the second call checks that a call leaves nothing stale behind
@@ -68,7 +68,7 @@ def full_cases(world_size: int) -> list[Case]:
 def run_graph_replay(rank: int, world_size: int, replays: int) -> None:
     """Capture one dispatch; replay it with fresh routing, weights, x and n each time,
     interleaved with eager calls; every result bit-identical to the reference."""
-    device = torch.device("cuda", rank)
+    device = rank_device(rank)
     case = Case(world_size=world_size, hidden=2048, max_tokens=128, num_experts=8 * world_size, top_k=8)
     T, H, K = case.max_tokens, case.hidden, case.top_k
     x = torch.empty(T, H, dtype=torch.bfloat16, device=device)
@@ -114,7 +114,7 @@ def run_graph_replay(rank: int, world_size: int, replays: int) -> None:
 def run_missing_peer(rank: int, world_size: int) -> None:
     """Rank 0 dispatches alone: it raises a timeout naming the phase and a missing peer
     within the bound; the buffer then refuses calls; a new buffer works."""
-    device = torch.device("cuda", rank)
+    device = rank_device(rank)
     case = Case(world_size=world_size, hidden=2048, max_tokens=64, num_experts=2 * world_size, top_k=2, seed=9)
     inp = to_device(make_inputs(case)[rank], device)
     buf = make_buffer(case, "cuda", timeout_s=2.0)
@@ -139,7 +139,7 @@ def run_missing_peer(rank: int, world_size: int) -> None:
 
 def time_dispatch(rank: int, world_size: int) -> None:
     """Eager and graph-replayed dispatch at H=7168, T=4096, E=8W, K=8 (printed by rank 0)."""
-    device = torch.device("cuda", rank)
+    device = rank_device(rank)
     case = Case(world_size=world_size, hidden=7168, max_tokens=4096, num_experts=8 * world_size, top_k=8, seed=77)
     inp = to_device(make_inputs(case)[rank], device)
     with make_buffer(case, "cuda") as buf:
@@ -186,7 +186,6 @@ def count_rows_sent(case: Case, inp, rank: int) -> int:
 
 
 def smoke_worker(rank: int, world_size: int) -> None:
-    torch.cuda.set_device(rank)
     for i, case in enumerate(smoke_cases(world_size)):
         check_case(rank, case, ("int", "device", "default")[i % 3])
     # One block per kernel: scan's block counts every source and its warps rank several
@@ -194,8 +193,8 @@ def smoke_worker(rank: int, world_size: int) -> None:
     one_block = dataclasses.replace(smoke_cases(world_size)[0], max_tokens=512, routing="skewed", seed=5)
     check_case(rank, one_block, "device", num_sms=1)
     # Many experts: the scan's blocks run fewer warps (their per-expert tables fill shared memory).
-    many_experts = dataclasses.replace(smoke_cases(world_size)[0], hidden=512, num_experts=1024, routing="skewed",
-                                       seed=6)
+    many_experts = dataclasses.replace(smoke_cases(world_size)[0], hidden=512, num_experts=1024 // world_size * world_size,
+                                       routing="skewed", seed=6)
     check_case(rank, many_experts, "int")
     run_graph_replay(rank, world_size, replays=100)
     run_missing_peer(rank, world_size)
@@ -203,7 +202,6 @@ def smoke_worker(rank: int, world_size: int) -> None:
 
 
 def full_worker(rank: int, world_size: int) -> None:
-    torch.cuda.set_device(rank)
     for i, case in enumerate(full_cases(world_size)):
         check_case(rank, case, ("int", "device", "default")[i % 3])
     run_graph_replay(rank, world_size, replays=120)
@@ -214,20 +212,13 @@ def full_worker(rank: int, world_size: int) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.multigpu(2)
-def test_dispatch_smoke_two_ranks():
-    spawn(2, smoke_worker, backend="nccl")
+@pytest.mark.parametrize("world_size", gpu_world_sizes((2,)))
+def test_dispatch_smoke(world_size):
+    spawn_gpu(world_size, smoke_worker)
 
 
 @pytest.mark.gpu
 @pytest.mark.slow
-@pytest.mark.multigpu(4)
-def test_dispatch_full_four_ranks():
-    spawn(4, full_worker, backend="nccl")
-
-
-@pytest.mark.gpu
-@pytest.mark.slow
-@pytest.mark.multigpu(2)
-def test_dispatch_full_two_ranks():
-    spawn(2, full_worker, backend="nccl")
+@pytest.mark.parametrize("world_size", gpu_world_sizes((4, 2)))
+def test_dispatch_full(world_size):
+    spawn_gpu(world_size, full_worker)

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from dist_utils import spawn
+from dist_utils import gpu_world_sizes, rank_device, spawn_gpu
 from hybrid_ep_infer import EPBuffer, ops
 
 H, T, E_PER_RANK, K = 2048, 64, 4, 2
@@ -28,7 +28,7 @@ def two_layers(buffer, x, logits1, logits2, expert_scales):
 
 
 def worker(rank: int, world_size: int) -> None:
-    device = torch.device("cuda", rank)
+    device = rank_device(rank)
     E = E_PER_RANK * world_size
     kw = dict(hidden=H, max_tokens=T, num_experts=E, top_k=K, pad_multiple=8, timeout_s=20.0)
     cud = EPBuffer(backend="cuda", **kw)
@@ -96,6 +96,6 @@ def worker(rank: int, world_size: int) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.multigpu(2)
-def test_compiled_layers_in_a_cuda_graph_two_ranks():
-    spawn(2, worker, backend="nccl")
+@pytest.mark.parametrize("world_size", gpu_world_sizes((2,)))
+def test_compiled_layers_in_a_cuda_graph(world_size):
+    spawn_gpu(world_size, worker)

@@ -23,14 +23,20 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_utils import launch, spawn
+from dist_utils import gpu_world_sizes, launch, rank_device, spawn_gpu
 from gpu_helpers import assert_dispatch_equal, assert_same_errors, make_buffer, poison
 from hybrid_ep_infer import BufferClosedError, PeerTimeoutError, RoutingDataError, mapped_peer_buffers
 from moe_cases import Case
 
 # ---------------------------------------------------------------------------- fuzz
 
-FUZZ_CASES = (  # small shapes: the fuzz is about routings, not sizes
+def at_world_size(case: Case, world_size: int) -> Case:
+    """``case`` (written for 2 ranks) on ``world_size`` ranks, with as many experts per rank."""
+    return dataclasses.replace(case, world_size=world_size,
+                               num_experts=case.num_experts // case.world_size * world_size)
+
+
+FUZZ_CASES = (  # small shapes: the fuzz is about routings, not sizes (2 ranks; at_world_size scales them)
     Case(world_size=2, hidden=256, max_tokens=32, num_experts=8, top_k=4, pad_multiple=8),
     Case(world_size=2, hidden=256, max_tokens=32, num_experts=4, top_k=2, dtype=torch.float8_e4m3fn,
          layout="batched", capacity=24),
@@ -71,8 +77,9 @@ def random_routing(rng: random.Random, gen: torch.Generator, case: Case, device)
 
 
 def fuzz_worker(rank: int, world_size: int, steps_per_case: int) -> None:
-    device = torch.device("cuda", rank)
+    device = rank_device(rank)
     for c, case in enumerate(FUZZ_CASES):
+        case = at_world_size(case, world_size)
         rng = random.Random(1000 * c + rank)
         gen = torch.Generator().manual_seed(1000 * c + rank)
         with make_buffer(case, "cuda") as cud, make_buffer(case, "reference", device=device) as ref:
@@ -111,7 +118,12 @@ def fuzz_worker(rank: int, world_size: int, steps_per_case: int) -> None:
 PEER_CASE = Case(world_size=2, hidden=1024, max_tokens=64, num_experts=4, top_k=2, seed=5)
 
 
-def inputs_for(rank: int, device, seed: int = 0, case: Case = PEER_CASE):
+def peer_case(world_size: int) -> Case:
+    return at_world_size(PEER_CASE, world_size)
+
+
+def inputs_for(rank: int, device, seed: int = 0, case: Case | None = None):
+    case = case or peer_case(dist.get_world_size())
     gen = torch.Generator().manual_seed(100 * seed + rank)
     T, E, K, H = case.max_tokens, case.num_experts, case.top_k, case.hidden
     idx = torch.rand(T, E, generator=gen).argsort(dim=1)[:, :K].contiguous()
@@ -120,10 +132,10 @@ def inputs_for(rank: int, device, seed: int = 0, case: Case = PEER_CASE):
 
 
 def killed_peer_worker(rank: int, world_size: int, bound_s: float) -> None:
-    """Rank 1 dies (SIGKILL) between a dispatch and its combine; rank 0 must time out in
-    combine naming rank 1, refuse further calls, close, and exit."""
-    device = torch.device("cuda", rank)
-    buf = make_buffer(PEER_CASE, "cuda", timeout_s=bound_s)
+    """Rank 1 dies (SIGKILL) between a dispatch and its combine; every other rank must time
+    out in combine naming rank 1, refuse further calls, close, and exit."""
+    device = rank_device(rank)
+    buf = make_buffer(peer_case(world_size), "cuda", timeout_s=bound_s)
     x, idx, w = inputs_for(rank, device)
     result = buf.dispatch(x, idx, w)
     buf.combine(result.hidden, result.handle)
@@ -148,15 +160,15 @@ def killed_peer_worker(rank: int, world_size: int, bound_s: float) -> None:
             call()
     buf.close()
     assert mapped_peer_buffers() == 0
-    print(f"[killed peer] rank 0 raised after {elapsed:.2f} s (bound {bound_s} s): {info.value}", flush=True)
+    print(f"[killed peer] rank {rank} raised after {elapsed:.2f} s (bound {bound_s} s): {info.value}", flush=True)
 
 
 def slow_peer_worker(rank: int, world_size: int) -> None:
     """A live peer that is late by half the bound: no timeout, correct results."""
-    device = torch.device("cuda", rank)
+    device = rank_device(rank)
     x, idx, w = inputs_for(rank, device, seed=1)
-    with make_buffer(PEER_CASE, "cuda", timeout_s=2.0) as cud, \
-            make_buffer(PEER_CASE, "reference", device=device) as ref:
+    with make_buffer(peer_case(world_size), "cuda", timeout_s=2.0) as cud, \
+            make_buffer(peer_case(world_size), "reference", device=device) as ref:
         for step in range(3):
             dist.barrier()
             if rank == 1:
@@ -172,8 +184,8 @@ def slow_peer_worker(rank: int, world_size: int) -> None:
 
 
 def exit_without_close_worker(rank: int, world_size: int) -> None:
-    device = torch.device("cuda", rank)
-    buf = make_buffer(PEER_CASE, "cuda")
+    device = rank_device(rank)
+    buf = make_buffer(peer_case(world_size), "cuda")
     x, idx, w = inputs_for(rank, device)
     result = buf.dispatch(x, idx, w)
     buf.combine(result.hidden, result.handle)
@@ -183,9 +195,10 @@ def exit_without_close_worker(rank: int, world_size: int) -> None:
 
 def fresh_run_worker(rank: int, world_size: int) -> None:
     """After a killed or unclosed run: new buffers on the same GPUs work."""
-    device = torch.device("cuda", rank)
+    device = rank_device(rank)
     x, idx, w = inputs_for(rank, device, seed=2)
-    with make_buffer(PEER_CASE, "cuda") as cud, make_buffer(PEER_CASE, "reference", device=device) as ref:
+    case = peer_case(world_size)
+    with make_buffer(case, "cuda") as cud, make_buffer(case, "reference", device=device) as ref:
         got, want = cud.dispatch(x, idx, w), ref.dispatch(x, idx, w)
         out, expected = cud.combine(got.hidden, got.handle), ref.combine(want.hidden, want.handle)
         torch.cuda.synchronize()
@@ -200,7 +213,7 @@ def long_run_worker(rank: int, world_size: int, replays: int, check_every: int) 
     combines; replayed `replays` times. Every `check_every` replays the replay's inputs go
     through the reference backend and both results must be bit-identical; an eager call
     with other inputs runs in between."""
-    device = torch.device("cuda", rank)
+    device = rank_device(rank)
     case = Case(world_size=world_size, hidden=1024, max_tokens=128, num_experts=8 * world_size, top_k=8)
     T, H, E, K = case.max_tokens, case.hidden, case.num_experts, case.top_k
     torch.manual_seed(rank)  # the graph's draws differ per rank and per replay
@@ -261,8 +274,8 @@ def long_run_worker(rank: int, world_size: int, replays: int, check_every: int) 
 def two_streams_worker(rank: int, world_size: int, steps: int) -> None:
     """Micro-batches alternate between buffer A on stream 0 and buffer B on stream 1
     (each buffer's calls stay on its stream); every result equals the reference's."""
-    device = torch.device("cuda", rank)
-    case = dataclasses.replace(PEER_CASE, max_tokens=128, num_experts=8 * world_size, top_k=8)
+    device = rank_device(rank)
+    case = dataclasses.replace(peer_case(world_size), max_tokens=128, num_experts=8 * world_size, top_k=8)
     streams = [torch.cuda.Stream(device), torch.cuda.Stream(device)]
     buffers = [make_buffer(case, "cuda"), make_buffer(case, "cuda")]
     ref = make_buffer(case, "reference", device=device)
@@ -292,11 +305,11 @@ def two_streams_worker(rank: int, world_size: int, steps: int) -> None:
 # ---------------------------------------------------------------------------- leaks
 
 def leak_worker(rank: int, world_size: int, rounds: int) -> None:
-    device = torch.device("cuda", rank)
+    device = rank_device(rank)
     x, idx, w = inputs_for(rank, device)
 
     def one_round():
-        with make_buffer(PEER_CASE, "cuda") as buf:
+        with make_buffer(peer_case(world_size), "cuda") as buf:
             result = buf.dispatch(x, idx, w)
             buf.combine(result.hidden, result.handle)
             torch.cuda.synchronize()
@@ -304,11 +317,13 @@ def leak_worker(rank: int, world_size: int, rounds: int) -> None:
 
     nbytes = one_round()  # lazily created state (streams, handles) is not a leak
     torch.cuda.synchronize()
+    dist.barrier()  # ranks sharing this GPU hold no buffer either while it is read
     free_before, _ = torch.cuda.mem_get_info(device)
     mapped_before = mapped_peer_buffers()
     for _ in range(rounds):
         one_round()
     torch.cuda.synchronize()
+    dist.barrier()
     free_after, _ = torch.cuda.mem_get_info(device)
     assert mapped_peer_buffers() == mapped_before == 0
     # Less than one buffer's worth: a leak of anything per round would be 200x that.
@@ -320,48 +335,53 @@ def leak_worker(rank: int, world_size: int, rounds: int) -> None:
 
 # ---------------------------------------------------------------------------- tests
 
-@pytest.mark.gpu
-@pytest.mark.multigpu(2)
-def test_reliability_smoke_two_ranks():
-    spawn(2, slow_peer_worker, backend="nccl")
-    spawn(2, two_streams_worker, 20, backend="nccl")
-    spawn(2, fuzz_worker, 40, backend="nccl")
+SMOKE_SIZES = gpu_world_sizes((2,))
+FULL_SIZES = gpu_world_sizes((2,))
 
 
 @pytest.mark.gpu
-@pytest.mark.slow
-@pytest.mark.multigpu(2)
-def test_fuzz_thousands_of_routings():
-    spawn(2, fuzz_worker, 800, backend="nccl")  # 3 cases x 800 steps
+@pytest.mark.parametrize("world_size", SMOKE_SIZES)
+def test_slow_peer_two_streams_and_a_short_fuzz(world_size):
+    spawn_gpu(world_size, slow_peer_worker)
+    spawn_gpu(world_size, two_streams_worker, 20)
+    spawn_gpu(world_size, fuzz_worker, 40)
 
 
 @pytest.mark.gpu
 @pytest.mark.slow
-@pytest.mark.multigpu(2)
-def test_killed_peer_times_out_and_processes_exit():
+@pytest.mark.parametrize("world_size", FULL_SIZES)
+def test_fuzz_thousands_of_routings(world_size):
+    spawn_gpu(world_size, fuzz_worker, 800)  # 3 cases x 800 steps
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", FULL_SIZES)
+def test_killed_peer_times_out_and_processes_exit(world_size):
     bound_s = 2.0
-    codes = launch(2, killed_peer_worker, bound_s, backend="gloo", deadline_s=120)
-    assert codes == [0, -signal.SIGKILL], f"exit codes {codes} (rank 0 must end cleanly, rank 1 was killed)"
-    spawn(2, fresh_run_worker, backend="nccl")  # the GPUs are not stuck
+    codes = launch(world_size, killed_peer_worker, bound_s, backend="gloo", deadline_s=120)
+    expected = [0, -signal.SIGKILL] + [0] * (world_size - 2)
+    assert codes == expected, f"exit codes {codes} (rank 1 was killed, every other rank must end cleanly)"
+    spawn_gpu(world_size, fresh_run_worker)  # the GPUs are not stuck
 
 
 @pytest.mark.gpu
 @pytest.mark.slow
-@pytest.mark.multigpu(2)
-def test_exit_without_close_does_not_break_the_next_run():
-    assert launch(2, exit_without_close_worker, backend="gloo", deadline_s=120) == [0, 0]
-    spawn(2, fresh_run_worker, backend="nccl")
+@pytest.mark.parametrize("world_size", FULL_SIZES)
+def test_exit_without_close_does_not_break_the_next_run(world_size):
+    assert launch(world_size, exit_without_close_worker, backend="gloo", deadline_s=120) == [0] * world_size
+    spawn_gpu(world_size, fresh_run_worker)
 
 
 @pytest.mark.gpu
 @pytest.mark.slow
-@pytest.mark.multigpu(2)
-def test_hundred_thousand_replays():
-    spawn(2, long_run_worker, 100_000, 5_000, backend="nccl")
+@pytest.mark.parametrize("world_size", FULL_SIZES)
+def test_hundred_thousand_replays(world_size):
+    spawn_gpu(world_size, long_run_worker, 100_000, 5_000)
 
 
 @pytest.mark.gpu
 @pytest.mark.slow
-@pytest.mark.multigpu(2)
-def test_two_hundred_buffers_leak_nothing():
-    spawn(2, leak_worker, 200, backend="nccl")
+@pytest.mark.parametrize("world_size", FULL_SIZES)
+def test_two_hundred_buffers_leak_nothing(world_size):
+    spawn_gpu(world_size, leak_worker, 200)

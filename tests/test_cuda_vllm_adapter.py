@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_utils import spawn
+from dist_utils import gpu_world_sizes, rank_device, spawn_gpu
 
 H, T, E_PER_RANK, K = 256, 64, 4, 2
 REPLAYS = 20
@@ -119,7 +119,7 @@ def run(rank: int, world_size: int, dtype: torch.dtype, local_ids: bool, layout:
     HybridEPPrepareAndFinalize, exact_fp32 = import_adapter()
     from hybrid_ep_infer_vllm import fp8_input
 
-    device = torch.device("cuda", rank)
+    device = rank_device(rank)
     E = E_PER_RANK * world_size
     hidden, payload = (H, fp8_input.FP8) if fp8 else exact_fp32.buffer_format(H, dtype)
     # The two fields of vLLM's FusedMoEQuantConfig the adapter reads for block FP8.
@@ -179,27 +179,25 @@ def run(rank: int, world_size: int, dtype: torch.dtype, local_ids: bool, layout:
 
 
 def worker(rank: int, world_size: int) -> None:
-    torch.cuda.set_device(rank)
     run(rank, world_size, torch.bfloat16, local_ids=False)
     run(rank, world_size, torch.float32, local_ids=True)
 
 
 @pytest.mark.gpu
-@pytest.mark.multigpu(2)
-def test_vllm_adapter_layer_in_a_cuda_graph_two_ranks():
-    spawn(2, worker, backend="nccl")
+@pytest.mark.parametrize("world_size", gpu_world_sizes((2,)))
+def test_vllm_adapter_layer_in_a_cuda_graph(world_size):
+    spawn_gpu(world_size, worker)
 
 
 def formats_worker(rank: int, world_size: int) -> None:
-    torch.cuda.set_device(rank)
     run(rank, world_size, torch.bfloat16, local_ids=False, layout="batched")
     run(rank, world_size, torch.bfloat16, local_ids=False, fp8=True)
     run(rank, world_size, torch.bfloat16, local_ids=False, layout="batched", fp8=True)
 
 
 @pytest.mark.gpu
-@pytest.mark.multigpu(2)
-def test_vllm_adapter_batched_and_fp8_in_a_cuda_graph_two_ranks():
+@pytest.mark.parametrize("world_size", gpu_world_sizes((2,)))
+def test_vllm_adapter_batched_and_fp8_in_a_cuda_graph(world_size):
     """The same for the BatchedExperts format and block-FP8 inputs (quantized in plain torch
     here, where vLLM is absent; vLLM's own kernel where it is installed)."""
-    spawn(2, formats_worker, backend="nccl")
+    spawn_gpu(world_size, formats_worker)
