@@ -1,34 +1,351 @@
-"""The benchmark command runs on a CPU (tiny config, reference backend over gloo) and
-writes JSON records with the fields the project promises."""
+"""The benchmark command runs on a CPU (reference backend over gloo, small sizes, quick)
+and writes JSON records with the fields the project promises; its setups (one rank per GPU,
+ranks sharing a GPU, CPU) label every output with what they measured and what they left
+out; the plot shows every measured series. GPU paths are checked here through their
+argument handling, labels and stand-ins (no GPU on the CI machine)."""
 
 import json
 import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 
-import hybrid_ep_infer
+import pytest
 
-REQUIRED = {"config", "op", "dtype", "tokens", "ranks", "mode", "time_us", "floor_us", "ratio_to_floor", "impl"}
+import hybrid_ep_infer
+from hybrid_ep_infer.bench import cli, report
+
+REQUIRED = {"config", "op", "dtype", "tokens", "ranks", "mode", "time_us", "floor_us", "ratio_to_floor", "impl", "setup"}
+ROOT = Path(hybrid_ep_infer.__file__).resolve().parent.parent
+SHARED = "ranks share one GPU under MPS: launch and protocol cost, not NVLink bandwidth"
+
+
+def _bench(*argv, timeout=300):
+    return subprocess.run([sys.executable, "-m", "hybrid_ep_infer.bench", *argv], capture_output=True, text=True,
+                          timeout=timeout, cwd=str(ROOT))
 
 
 def test_bench_runs_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
-    root = str(Path(hybrid_ep_infer.__file__).resolve().parent.parent)
-    done = subprocess.run([sys.executable, "-m", "hybrid_ep_infer.bench", "--cpu", "--ranks", "2", "--samples", "3",
-                           "--dtype", "bf16", "fp8", "--routing", "uniform", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=root)
+    done = _bench("--cpu", "--ranks", "2", "--samples", "3", "--dtype", "bf16", "fp8", "--routing", "uniform",
+                  "--json", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "say nothing about speed" in done.stdout
     data = json.loads(out.read_text())
-    assert data["meta"]["ranks"] == 2 and data["meta"]["torch"]
+    meta = data["meta"]
+    assert meta["ranks"] == 2 and meta["torch"] and meta["setup"] == "cpu" and meta["process_group"] == "gloo"
+    assert "say nothing about speed" in meta["label"] and not meta["shared_gpu"]
     records = [r for r in data["records"] if r["config"] != "nvlink"]
     ops = {(r["impl"], r["op"], r["dtype"]) for r in records}
-    for impl in ("hybrid_ep_infer(reference)", "nccl_allgather_reducescatter", "nccl_all_to_all"):
+    for impl in ("hybrid_ep_infer(reference)", "gloo_allgather_reducescatter", "gloo_all_to_all"):
         for op in ("dispatch", "combine", "round_trip", "layer"):
             assert (impl, op, "fp8") in ops
     for r in records:
         assert REQUIRED <= set(r), r
         assert r["time_us"] > 0
+        assert "nccl" not in r["impl"]  # gloo ran: no NCCL label
+        assert r["gbps_real"] is None and r["busiest_offgpu_bytes"] is None  # no GPU: no off-GPU bytes
+    claims = [line for line in done.stdout.splitlines() if not line.startswith("left out:")]
+    assert not [line for line in claims if "nccl" in line.lower() or "GB/s" in line]
+
+
+def test_cpu_decode_is_shrunk_quick_and_shows_progress(tmp_path):
+    """Issue 23 item 5: this command printed nothing for 20 minutes on a CPU. Now the
+    configuration is shrunk (named decode-cpu), progress is printed, and it takes seconds."""
+    out = tmp_path / "bench.json"
+    began = time.monotonic()
+    done = _bench("--config", "decode", "--dtype", "bf16", "--routing", "uniform", "--cpu", "--json", str(out))
+    elapsed = time.monotonic() - began
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert elapsed < 90, f"the CPU decode run took {elapsed:.0f} s"
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("CPU: decode shrunk for the CPU: H 7168->256") for line in lines), done.stdout
+    assert any(line.startswith("[1/5] decode-cpu bf16 uniform n=1") for line in lines), done.stdout
+    assert any(line.startswith("[5/5] decode-cpu bf16 uniform n=256") for line in lines), done.stdout
+    data = json.loads(out.read_text())
+    assert data["meta"]["configs"] == ["decode-cpu"] and data["meta"]["samples"] == 5
+    assert {r["tokens"] for r in data["records"]} == {1, 8, 32, 128, 256}
+
+
+def test_cpu_shrink_keeps_routing_shape():
+    from hybrid_ep_infer.bench.configs import CONFIGS, CPU_LIMITS, for_cpu
+
+    assert for_cpu(CONFIGS["tiny"]) is CONFIGS["tiny"]
+    for name in ("prefill-7168", "qwen-2048", "mixtral-4096", "decode"):
+        cfg, small = CONFIGS[name], for_cpu(CONFIGS[name])
+        assert small.name == f"{name}-cpu" and small.hidden <= CPU_LIMITS["hidden"] and small.hidden % 128 == 0
+        assert max(small.tokens) <= small.max_tokens <= CPU_LIMITS["max_tokens"]
+        assert (small.local_experts, small.top_k) == (cfg.local_experts, cfg.top_k)
+
+
+def test_plot_without_matplotlib_fails_at_argument_time(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(["--cpu", "--plot", "out.png"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--plot needs matplotlib" in err and "pip install 'hybrid-ep-infer[plot]'" in err
+
+
+def _records(setup, ranks=2, sms=None):
+    """Stand-in records: ours and (except on shared GPUs) the baselines, 2 dtypes x 2
+    routings x n in (8, 64), dispatch and combine."""
+    ours = "hybrid_ep_infer" if setup != "cpu" else "hybrid_ep_infer(reference)"
+    impls = [ours] if setup == "shared_gpu" else [ours, f"{'gloo' if setup == 'cpu' else 'nccl'}_all_to_all"]
+    records = []
+    for dtype in ("bf16", "fp8"):
+        for routing in ("uniform", "zipf"):
+            for n in (8, 64):
+                for op in ("dispatch", "combine"):
+                    for impl in impls:
+                        for mode in (("eager",) if setup == "cpu" else ("eager", "graph")):
+                            t = 10.0 * n + (5 if mode == "eager" else 0) + ranks
+                            records.append(dict(
+                                config="decode", op=op, impl=impl, dtype=dtype, routing=routing, tokens=n, ranks=ranks,
+                                mode=mode, setup=setup, time_us=t, p99_us=t + 1, floor_us=None, ratio_to_floor=None,
+                                gbps_real=n / t if setup == "gpus" else None, gbps_logical=None,
+                                sms=sms if impl == ours else None, ratio_to_best_baseline=None))
+    if setup == "gpus":
+        records.append(dict(config="nvlink", op="pair_copy_both_directions", impl="nccl_send_recv", ranks=ranks,
+                            mode="eager", setup=setup, gbps_per_direction=300.0))
+    return records
+
+
+def _meta(setup, ranks=2, gpus=1):
+    args = types.SimpleNamespace(setup=setup, ranks=ranks, gpus=gpus, ranks_per_gpu=-(-ranks // max(gpus, 1)))
+    return dict(card="NVIDIA H100" if setup != "cpu" else "x86_64", driver="1", torch="2", commit="abc", ranks=ranks,
+                setup=setup, gpus=gpus, label=cli.setup_label(args), skipped=cli.skipped(args), configs=["decode"],
+                command="python -m hybrid_ep_infer.bench")
+
+
+@pytest.mark.parametrize("setup", ["cpu", "shared_gpu", "gpus"])
+def test_plot_panels_show_every_series(setup):
+    """FP8 and Zipf results are plotted too; the y axis is a time where no byte crosses NVLink."""
+    ylabel, panels = report.plot_panels(_records(setup), _meta(setup))
+    assert set(panels) == {("decode", d, r, op) for d in ("bf16", "fp8") for r in ("uniform", "zipf")
+                           for op in ("dispatch", "combine")}
+    series = panels[("decode", "fp8", "zipf", "combine")]
+    expected = {"cpu": {"hybrid_ep_infer(reference) (eager)", "gloo_all_to_all (eager)"},
+                "shared_gpu": {"hybrid_ep_infer (eager)", "hybrid_ep_infer (graph)"},
+                "gpus": {"hybrid_ep_infer (eager)", "hybrid_ep_infer (graph)", "nccl_all_to_all (eager)",
+                         "nccl_all_to_all (graph)"}}[setup]
+    assert set(series) == expected
+    assert all([n for n, _ in points] == [8, 64] for points in series.values())
+    assert ylabel == ("off-GPU GB/s (busiest rank)" if setup == "gpus" else "median time (us), slowest rank")
+
+
+@pytest.mark.parametrize("setup", ["cpu", "shared_gpu", "gpus"])
+def test_write_plot_labels(setup, monkeypatch, tmp_path):
+    """The plot, drawn on a stand-in matplotlib: a panel per (dtype, routing) row and op
+    column, titled with the setup; NVLink ceiling and GB/s only with one rank per GPU."""
+    from unittest import mock
+
+    figure = mock.MagicMock()
+    grid = {}
+
+    def subplots(rows, cols, **kw):
+        assert kw.get("squeeze") is False
+        grid["axes"] = [[mock.MagicMock() for _ in range(cols)] for _ in range(rows)]
+        return figure, grid["axes"]
+
+    pyplot = types.SimpleNamespace(subplots=subplots, close=lambda fig: None)
+    matplotlib = types.SimpleNamespace(use=lambda backend: None, pyplot=pyplot)
+    monkeypatch.setitem(sys.modules, "matplotlib", matplotlib)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", pyplot)
+    meta = _meta(setup, ranks=8 if setup == "shared_gpu" else 2)
+    report.write_plot(_records(setup, ranks=meta["ranks"]), meta, str(tmp_path / "p.png"))
+    axes = grid["axes"]
+    assert len(axes) == 4 and len(axes[0]) == 2  # (bf16, fp8) x (uniform, zipf) rows; dispatch, combine
+    titles = [ax.set_title.call_args[0][0] for row in axes for ax in row]
+    assert "decode, fp8, zipf: combine" in titles
+    suptitle = figure.suptitle.call_args[0][0]
+    ylabels = {ax.set_ylabel.call_args[0][0] for row in axes for ax in row}
+    ceilings = sum(ax.axhline.call_count for row in axes for ax in row)
+    if setup == "gpus":
+        assert ylabels == {"off-GPU GB/s (busiest rank)"} and ceilings == 8
+    else:
+        assert ylabels == {"median time (us), slowest rank"} and ceilings == 0
+        assert "NVLink ceiling" not in str(figure.mock_calls) + str([ax.mock_calls for row in axes for ax in row])
+    if setup == "cpu":
+        assert "say nothing about speed" in suptitle and "NCCL" not in suptitle
+    if setup == "shared_gpu":
+        assert f"8 {SHARED}" in suptitle
+    figure.savefig.assert_called_once()
+
+
+def test_shared_gpu_arguments(monkeypatch):
+    """--ranks above the visible GPUs: ranks share GPUs (gloo, gpu_for_rank), baselines and
+    floor left out with the reason, every label says what is measured."""
+    monkeypatch.setattr(cli, "visible_gpus", lambda: 1)
+    args = cli.parse_args(["--ranks", "8", "--config", "decode", "--dtype", "bf16", "--routing", "uniform",
+                           "--ops", "dispatch", "combine"])
+    assert args.cuda and args.setup == "shared_gpu" and args.gpus == 1 and args.ranks_per_gpu == 8
+    assert args.samples == 50 and args.ops == ["dispatch", "combine"]
+    assert [c.name for c in args.bench_configs] == ["decode"] and args.bench_configs[0].hidden == 7168  # not shrunk
+    assert cli.setup_label(args) == f"8 {SHARED}"
+    reasons = {item["what"]: item["reason"] for item in cli.skipped(args)}
+    assert "NCCL refuses two ranks of one communicator on one GPU" in reasons[
+        "NCCL baselines (all-gather + reduce-scatter, all-to-all)"]
+    assert any("NVLink floor" in what for what in reasons)
+    assert [cli.placement_of(r, args) for r in range(3)] == [(cli.torch.device("cuda", 0), "gloo")] * 3
+
+    monkeypatch.setattr(cli, "visible_gpus", lambda: 2)
+    args = cli.parse_args(["--ranks", "4"])
+    assert args.setup == "shared_gpu" and args.ranks_per_gpu == 2
+    assert "4 ranks share 2 GPUs (up to 2 per GPU) under MPS: launch and protocol cost" in cli.setup_label(args)
+    assert [cli.placement_of(r, args)[0].index for r in range(4)] == [0, 1, 0, 1]
+    assert cli.parse_args(["--ranks", "4", "--cpu"]).setup == "cpu"
+
+    args = cli.parse_args(["--ranks", "2"])
+    assert args.setup == "gpus" and cli.skipped(args) == [] and args.ranks_per_gpu == 1
+    assert [cli.placement_of(r, args) for r in range(2)] == [(cli.torch.device("cuda", r), "nccl") for r in range(2)]
+
+
+def test_shared_gpu_announce_and_metadata(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "visible_gpus", lambda: 1)
+    args = cli.parse_args(["--ranks", "4", "--config", "decode", "--ops", "dispatch", "combine"])
+    monkeypatch.setattr(cli, "mps_evidence", lambda: None)
+    cli.announce(args)
+    out = capsys.readouterr().out
+    assert f"== 4 {SHARED} ==" in out
+    assert "left out: NCCL baselines (all-gather + reduce-scatter, all-to-all): NCCL refuses" in out
+    assert "WARNING: CUDA MPS does not seem to be running" in out and "nvidia-cuda-mps-control -d" in out
+
+    monkeypatch.setattr(cli, "mps_evidence", lambda: "process 42 (nvidia-cuda-mps)")
+    cli.announce(args)
+    out = capsys.readouterr().out
+    assert "WARNING" not in out and "CUDA MPS: process 42" in out
+
+    monkeypatch.setattr(cli.torch.cuda, "get_device_name", lambda index=None: "NVIDIA H100 80GB HBM3")
+    meta = cli.metadata(args)
+    assert meta["shared_gpu"] is True and meta["ranks_per_gpu"] == 4 and meta["process_group"] == "gloo"
+    assert meta["label"] == f"4 {SHARED}" and meta["mps"] == "process 42 (nvidia-cuda-mps)"
+    assert meta["ops"] == ["dispatch", "combine"] and len(meta["skipped"]) == 2
+
+
+def test_mps_evidence_from_pipe_directory(monkeypatch, tmp_path):
+    monkeypatch.setattr(cli.os, "listdir", lambda path: [])  # no process
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))
+    assert cli.mps_evidence() is None
+    (tmp_path / "control").touch()
+    assert cli.mps_evidence() == f"control pipe in {tmp_path}"
+
+
+def test_print_table_shared_gpu(capsys):
+    meta = _meta("shared_gpu", ranks=8) | {"sample_barrier": "device barrier (stream memory operations)"}
+    report.print_table(_records("shared_gpu", ranks=8, sms=16), meta)
+    out = capsys.readouterr().out
+    assert "NVIDIA H100: 8 ranks on 1 GPU" in out and f"== 8 {SHARED} ==" in out
+    assert "left out: NCCL baselines" in out and "left out: NVLink floor" in out
+    header = next(line for line in out.splitlines() if line.startswith("config"))
+    assert header.split()[-4:] == ["eager", "graph", "p99", "SMs"]  # no floor, baseline or GB/s column
+    assert "nccl" not in out.split("==")[-1].split("left out")[0]
+    row = next(line for line in out.splitlines() if line.startswith("decode") and " combine " in line)
+    assert row.split()[-1] == "16"
+
+
+def _load_results_table():
+    import importlib.util
+
+    path = ROOT / "benchmarks" / "results_table.py"
+    spec = importlib.util.spec_from_file_location("results_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_results_table_one_gpu(tmp_path, capsys):
+    """W = 2, 4, 8 on one GPU merge into one table, labelled as such, one column pair per W."""
+    results_table = _load_results_table()
+    files = []
+    for w, sms in ((2, 24), (4, 24), (8, 16)):
+        path = tmp_path / f"shared-w{w}.json"
+        path.write_text(json.dumps({"meta": _meta("shared_gpu", ranks=w) | {"dtypes": ["bf16"]},
+                                    "records": _records("shared_gpu", ranks=w, sms=sms)}))
+        files.append(str(path))
+    merged = tmp_path / "merged.json"
+    results_table.main(["--merge-into", str(merged), *files])
+    out = capsys.readouterr().out
+    assert "one GPU shared by W = 2, 4, 8 ranks under MPS: launch and protocol cost, not NVLink bandwidth" in out
+    assert "NCCL refuses two ranks on one GPU" in out and "W=2: 24; W=4: 24; W=8: 16" in out
+    header = next(line for line in out.splitlines() if line.startswith("| config"))
+    assert "W=2 graph (p99) | W=2 eager | W=4 graph (p99) | W=4 eager | W=8 graph (p99) | W=8 eager" in header
+    assert "AG+RS" not in out and "floor" not in header
+    row = next(line for line in out.splitlines() if line.startswith("| decode | fp8 | zipf | combine | 64 |"))
+    assert row.split("|")[6:9] == [" 642.0 µs (643.0) ", " 647.0 µs ", " 644.0 µs (645.0) "]
+    assert json.loads(merged.read_text())["meta"]["all_ranks"] == [2, 4, 8]
+
+    cpu = tmp_path / "cpu.json"
+    cpu.write_text(json.dumps({"meta": _meta("cpu"), "records": _records("cpu")}))
+    with pytest.raises(SystemExit):  # setups do not merge
+        results_table.main([files[0], str(cpu)])
+    assert "different setups" in capsys.readouterr().err
+
+
+def test_results_table_committed_runs_still_render(capsys):
+    """Files written before setups were recorded (one rank per GPU) render as before."""
+    results_table = _load_results_table()
+    results_table.main([str(ROOT / "benchmarks" / "results-2gpu.json")])
+    out = capsys.readouterr().out
+    assert out.startswith("NVIDIA H200 x2") and "pair copy rates: nccl_send_recv" in out
+    assert "| decode | bf16 | uniform | 1 | dispatch |" in out
+
+
+def test_stream_barrier_addresses(monkeypatch):
+    """timing.StreamBarrier on stand-in driver calls, 3 ranks mapping each other's flags at
+    different addresses: rank s writes its epoch to flag s of every rank, and waits on every
+    flag of its own; a rank's waits hold until every rank has written (then all pass)."""
+    from hybrid_ep_infer.bench import timing
+
+    W = 3
+    # rank s sees rank r's workspace at address 10_000 * s + 1_000 * r
+    memory = {}  # (owner, byte offset) -> value
+
+    def physical(viewer, address):
+        owner, offset = divmod(address - 10_000 * viewer, 1_000)
+        assert 0 <= owner < W and 0 <= offset < 4 * W and offset % 4 == 0, address
+        return owner, offset
+
+    ops = {s: [] for s in range(W)}
+    current = {"rank": None}
+    driver = types.SimpleNamespace(
+        CUresult=types.SimpleNamespace(CUDA_SUCCESS=0),
+        CUstreamWriteValue_flags=types.SimpleNamespace(CU_STREAM_WRITE_VALUE_DEFAULT=0),
+        CUstreamWaitValue_flags=types.SimpleNamespace(CU_STREAM_WAIT_VALUE_GEQ=0),
+        cuStreamWriteValue32=lambda stream, addr, value, flags: ops[current["rank"]].append(
+            ("write", physical(current["rank"], addr), value)) or (0,),
+        cuStreamWaitValue32=lambda stream, addr, value, flags: ops[current["rank"]].append(
+            ("wait", physical(current["rank"], addr), value)) or (0,))
+    monkeypatch.setattr(timing.torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=7))
+    barriers = []
+    for s in range(W):
+        b = object.__new__(timing.StreamBarrier)
+        b._driver, b.device, b.group, b.rank, b.world_size, b.epoch = driver, "cuda:0", None, s, W, 0
+        b.workspace = types.SimpleNamespace(pointers=[10_000 * s + 1_000 * r for r in range(W)])
+        barriers.append(b)
+    for epoch in (1, 2):
+        for s in range(W):
+            ops[s].clear()
+            current["rank"] = s
+            barriers[s]()
+        for s in range(W):
+            writes = [op for op in ops[s] if op[0] == "write"]
+            waits = [op for op in ops[s] if op[0] == "wait"]
+            assert sorted(w[1] for w in writes) == [(r, 4 * s) for r in range(W)] and {w[2] for w in writes} == {epoch}
+            assert sorted(w[1] for w in waits) == [(s, 4 * r) for r in range(W)] and {w[2] for w in waits} == {epoch}
+        # ranks 0 and 1 have written: rank 0 still waits (for rank 2's flag)
+        for s in (0, 1):
+            for _, where, value in (op for op in ops[s] if op[0] == "write"):
+                memory[where] = value
+        assert not all(memory.get(where, 0) >= value for _, where, value in ops[0] if _ == "wait")
+        for _, where, value in (op for op in ops[2] if op[0] == "write"):
+            memory[where] = value
+        for s in range(W):
+            assert all(memory.get(where, 0) >= value for kind, where, value in ops[s] if kind == "wait")
 
 
 def test_nvlink_ceiling_tool_compiles(tmp_path):

@@ -1,4 +1,5 @@
 """What a user would otherwise run, on the same GPUs: NCCL collectives plus torch permutes.
+(On the CPU the same code runs over gloo, and the impl names say so.)
 
 AllGatherReduceScatter (vLLM's default path): all-gather every rank's tokens and routing,
 permute the rows of this rank's experts (static shapes: graph-capturable), and after the
@@ -22,11 +23,17 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.uint8)
 
 
+def impl_name(kind: str, group=None) -> str:
+    """``<process group backend>_<kind>``: nccl_all_to_all on GPUs, gloo_all_to_all on the CPU."""
+    return f"{dist.get_backend(group)}_{kind}"
+
+
 class AllGatherReduceScatter:
-    impl = "nccl_allgather_reducescatter"
+    kind = "allgather_reducescatter"
     graphable = True
 
     def __init__(self, *, world_size, rank, max_tokens, hidden, local_experts, top_k, dtype, device, group=None):
+        self.impl = impl_name(self.kind, group)
         W, T, K = world_size, max_tokens, top_k
         self.W, self.rank, self.T, self.K, self.L, self.group = W, rank, T, K, local_experts, group
         itemsize = torch.empty((), dtype=dtype).element_size()
@@ -75,10 +82,11 @@ class AllGatherReduceScatter:
 
 
 class AllToAll:
-    impl = "nccl_all_to_all"
+    kind = "all_to_all"
     graphable = False
 
     def __init__(self, *, world_size, rank, local_experts, top_k, dtype, group=None, **_):
+        self.impl = impl_name(self.kind, group)
         self.W, self.rank, self.L, self.K, self.dtype, self.group = world_size, rank, local_experts, top_k, dtype, group
 
     def _exchange(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:

@@ -1,8 +1,13 @@
 """The benchmark's per-rank work: for each configuration, check ours against the
-reference once, then time ours and the baselines, eager and graph-replayed."""
+reference once, then time ours and the baselines, eager and graph-replayed.
+
+Where ranks share a GPU (``args.setup == "shared_gpu"``: a gloo group, processes under MPS)
+the NCCL baselines and the NVLink floor are left out (cli.py prints why) and no rate is
+reported: the times are launch and protocol cost, not NVLink bandwidth."""
 
 from __future__ import annotations
 
+import time
 import zlib
 
 import torch
@@ -10,12 +15,21 @@ import torch.distributed as dist
 
 from .. import EPBuffer
 from .baselines import AllGatherReduceScatter, AllToAll
-from .configs import CONFIGS, BenchConfig
+from .configs import BenchConfig
 from .timing import Timer
 from .workloads import SwiGLUExperts, dequantize, make_routing, quantize, traffic
 
 OURS = "hybrid_ep_infer"
 DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+
+
+def all_ranks_ok(ok: bool) -> bool:
+    """True where every rank passes True. A collective over the world group (CPU tensor
+    for gloo, CUDA for NCCL)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(flag)
+    return flag.item() == 0
 
 
 def seed_of(*parts) -> int:
@@ -50,14 +64,38 @@ def check_against_reference(buf: EPBuffer, kw: dict, x, scales, idx, weights, de
         out_got = buf.combine(y, got.handle).clone()
         out_want = ref.combine(y, want.handle)
         ok = ok and torch.equal(out_got.view(torch.int16), out_want.view(torch.int16))
-    flag = torch.tensor([0 if ok else 1], device=device)
-    dist.all_reduce(flag)
-    if flag.item():
-        raise RuntimeError(f"correctness check failed against the reference backend on {flag.item()} rank(s)")
+    if not all_ranks_ok(ok):
+        raise RuntimeError(f"correctness check failed against the reference backend (this rank: "
+                           f"{'passed' if ok else 'failed'})")
+
+
+def buffer_kwargs(cfg: BenchConfig, dtype_name: str) -> dict:
+    return dict(hidden=cfg.hidden, max_tokens=cfg.max_tokens, num_experts=cfg.local_experts * dist.get_world_size(),
+                top_k=cfg.top_k, dtype=DTYPES[dtype_name], pad_multiple=16)
+
+
+def check_blocks_fit(kw: dict, num_sms: int | None, device, sharing: int) -> None:
+    """Ranks sharing a GPU: the copy kernels' blocks of every such rank must be resident at
+    once (they wait for each other), so num_sms x sharing ranks must fit the GPU's SMs.
+    Reads the buffer's own choice from an untuned probe buffer (no kernel runs) and raises,
+    on every rank, before any kernel could wait for blocks that never get an SM."""
+    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+    with EPBuffer(backend="cuda", num_sms=num_sms, tune=False, **kw) as probe:
+        sms = probe._backend.desc.num_sms
+    ok = sms * sharing <= sm_count
+    if not all_ranks_ok(ok):
+        raise RuntimeError(
+            f"rank {dist.get_rank()}: EPBuffer runs {sms} blocks per copy kernel here, {sharing} ranks share {device} "
+            f"({sm_count} SMs){'' if ok else f': {sharing} x {sms} > {sm_count}'}; on some GPU the blocks of its "
+            f"ranks cannot all be resident, and the kernels would wait for each other until the timeout. "
+            f"Pass --num-sms {max(1, sm_count // sharing)} or fewer, or use a library whose EPBuffer fits its "
+            f"default num_sms to ranks that share a GPU")
 
 
 def run_case(cfg: BenchConfig, dtype_name: str, routing: str, n: int, timer: Timer, rate, args, device,
-             experts: SwiGLUExperts) -> list[dict]:
+             experts: SwiGLUExperts | None) -> list[dict]:
+    """Records of ``args.ops``: ours (eager, and graph-replayed on GPUs), then, where NCCL
+    runs (one rank per GPU) or on the CPU (gloo), the baselines. ``experts``: for "layer"."""
     W = dist.get_world_size()
     dtype = DTYPES[dtype_name]
     H, T, L, K = cfg.hidden, cfg.max_tokens, cfg.local_experts, cfg.top_k
@@ -68,7 +106,9 @@ def run_case(cfg: BenchConfig, dtype_name: str, routing: str, n: int, timer: Tim
     cuda = device.type == "cuda"
     backend = "cuda" if cuda else "reference"
     ours = OURS if cuda else f"{OURS}(reference)"
-    kw = dict(hidden=H, max_tokens=T, num_experts=L * W, top_k=K, dtype=dtype, pad_multiple=16)
+    kw = buffer_kwargs(cfg, dtype_name)
+    # Bytes between ranks cross NVLink only with one rank per GPU: elsewhere no GB/s.
+    off_gpu = args.setup == "gpus"
     records = []
 
     def record(op, impl, mode, timing, sms, tuning=None):
@@ -81,9 +121,10 @@ def run_case(cfg: BenchConfig, dtype_name: str, routing: str, n: int, timer: Tim
         received = max(dispatch_bytes.recv_tokens) * H * (itemsize if op == "dispatch" else 2)
         records.append(dict(
             config=cfg.name, op=op, impl=impl, dtype=dtype_name, routing=routing, tokens=n, ranks=W, mode=mode,
-            time_us=median, p99_us=p99, floor_us=floor, ratio_to_floor=median / floor if floor else None,
-            busiest_offgpu_bytes=busiest[op], gbps_real=busiest[op] / median / 1e3,
-            gbps_logical=received / median / 1e3 if op in ("dispatch", "combine") else None, sms=sms,
+            setup=args.setup, time_us=median, p99_us=p99, floor_us=floor, ratio_to_floor=median / floor if floor else None,
+            busiest_rank_bytes=busiest[op], busiest_offgpu_bytes=busiest[op] if off_gpu else None,
+            gbps_real=busiest[op] / median / 1e3 if off_gpu else None,
+            gbps_logical=received / median / 1e3 if off_gpu and op in ("dispatch", "combine") else None, sms=sms,
             tuning=tuning))
 
     with EPBuffer(backend=backend, num_sms=args.num_sms, **kw) as buf:
@@ -110,13 +151,15 @@ def run_case(cfg: BenchConfig, dtype_name: str, routing: str, n: int, timer: Tim
 
         sms = buf._backend.desc.num_sms if cuda else None
         tuning = dict(buf._backend.tuning) if cuda else None  # what the construction-time tuner chose
-        for op, fn in (("dispatch", ours_dispatch), ("combine", ours_combine), ("round_trip", ours_round_trip),
-                       ("layer", ours_layer)):
-            record(op, ours, "eager", timer.measure(fn), sms, tuning)
-            record(op, ours, "graph", timer.measure_graph(fn), sms, tuning)
+        ours_ops = {"dispatch": ours_dispatch, "combine": ours_combine, "round_trip": ours_round_trip,
+                    "layer": ours_layer}
+        for op in args.ops:
+            record(op, ours, "eager", timer.measure(ours_ops[op]), sms, tuning)
+            record(op, ours, "graph", timer.measure_graph(ours_ops[op]), sms, tuning)
             ours_dispatch()  # the next op's handle is the latest dispatch
 
-    for baseline_cls in (AllGatherReduceScatter, AllToAll):
+    baselines = () if args.setup == "shared_gpu" else (AllGatherReduceScatter, AllToAll)  # NCCL refuses shared GPUs
+    for baseline_cls in baselines:
         base = baseline_cls(world_size=W, rank=dist.get_rank(), max_tokens=T, hidden=H, local_experts=L, top_k=K,
                             dtype=dtype, device=device)
         rows, row_scales, ends = base.dispatch(x, idx, weights, scales)
@@ -136,11 +179,11 @@ def run_case(cfg: BenchConfig, dtype_name: str, routing: str, n: int, timer: Tim
             r, s, e = base.dispatch(x, idx, weights, scales)
             base.combine(experts(dequantize(r, s), e))
 
-        for op, fn in (("dispatch", b_dispatch), ("combine", b_combine), ("round_trip", b_round_trip),
-                       ("layer", b_layer)):
-            record(op, base.impl, "eager", timer.measure(fn), None)
+        base_ops = {"dispatch": b_dispatch, "combine": b_combine, "round_trip": b_round_trip, "layer": b_layer}
+        for op in args.ops:
+            record(op, base.impl, "eager", timer.measure(base_ops[op]), None)
             if base.graphable:
-                record(op, base.impl, "graph", timer.measure_graph(fn), None)
+                record(op, base.impl, "graph", timer.measure_graph(base_ops[op]), None)
     if cuda:
         torch.cuda.empty_cache()
 
@@ -154,22 +197,40 @@ def run_case(cfg: BenchConfig, dtype_name: str, routing: str, n: int, timer: Tim
     return records
 
 
-def run_all(args, device) -> list[dict]:
+def run_all(args, device) -> tuple[list[dict], dict]:
+    """Every case of ``args.bench_configs`` x dtypes x routings x n on this rank: (records,
+    notes for the run's metadata). Rank 0 prints a line as each case starts."""
+    from ..placement import ranks_sharing_device
     from .timing import nvlink_rates_per_direction
 
+    rank, W = dist.get_rank(), dist.get_world_size()
+    began = time.monotonic()
     timer = Timer(device, samples=args.samples)
-    rates = nvlink_rates_per_direction(device)
+    notes = {"sample_barrier": timer.barrier}
+    # Shared GPUs: no NVLink between ranks to measure, and NCCL would refuse the group.
+    rates = {} if args.setup == "shared_gpu" else nvlink_rates_per_direction(device)
     rate = max(rates.values()) if rates else None  # the floor uses the faster method
-    records = [dict(config="nvlink", op="pair_copy_both_directions", impl=impl, ranks=dist.get_world_size(),
-                    mode="eager", gbps_per_direction=value / 1e9) for impl, value in rates.items()]
-    for name in args.configs:
-        cfg = CONFIGS[name]
-        experts = SwiGLUExperts(cfg.local_experts, cfg.hidden, cfg.intermediate, device,
-                                seed_of(cfg.name, "experts", dist.get_rank()))
-        for dtype_name in args.dtypes:
-            for routing in args.routings:
-                for n in cfg.tokens:
-                    records += run_case(cfg, dtype_name, routing, n, timer, rate, args, device, experts)
-                    if dist.get_rank() == 0:
-                        print(f"  done: {name} {dtype_name} {routing} n={n}", flush=True)
-    return records
+    records = [dict(config="nvlink", op="pair_copy_both_directions", impl=impl, ranks=W, mode="eager",
+                    setup=args.setup, gbps_per_direction=value / 1e9) for impl, value in rates.items()]
+    sharing = 1
+    if args.setup == "shared_gpu":
+        sharing = len(ranks_sharing_device(dist.group.WORLD, device))
+        notes["ranks_sharing_rank0_gpu"] = sharing
+    cases = [(cfg, d, r, n) for cfg in args.bench_configs for d in args.dtypes for r in args.routings for n in cfg.tokens]
+    experts: dict[str, SwiGLUExperts] = {}  # the current configuration's only
+    fitted = set()
+    for i, (cfg, dtype_name, routing, n) in enumerate(cases, 1):
+        if rank == 0:
+            print(f"[{i}/{len(cases)}] {cfg.name} {dtype_name} {routing} n={n} ({time.monotonic() - began:.0f} s)",
+                  flush=True)
+        if args.setup == "shared_gpu" and (cfg.name, dtype_name) not in fitted:
+            check_blocks_fit(buffer_kwargs(cfg, dtype_name), args.num_sms, device, sharing)
+            fitted.add((cfg.name, dtype_name))
+        if "layer" in args.ops and cfg.name not in experts:
+            experts = {cfg.name: SwiGLUExperts(cfg.local_experts, cfg.hidden, cfg.intermediate, device,
+                                               seed_of(cfg.name, "experts", rank))}
+        records += run_case(cfg, dtype_name, routing, n, timer, rate, args, device, experts.get(cfg.name))
+    timer.close()  # (a collective: not reached, and not needed, when a rank raised)
+    if rank == 0:
+        print(f"all {len(cases)} cases done in {time.monotonic() - began:.0f} s", flush=True)
+    return records, notes
