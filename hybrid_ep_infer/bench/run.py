@@ -74,24 +74,6 @@ def buffer_kwargs(cfg: BenchConfig, dtype_name: str) -> dict:
                 top_k=cfg.top_k, dtype=DTYPES[dtype_name], pad_multiple=16)
 
 
-def check_blocks_fit(kw: dict, num_sms: int | None, device, sharing: int) -> None:
-    """Ranks sharing a GPU: the copy kernels' blocks of every such rank must be resident at
-    once (they wait for each other), so num_sms x sharing ranks must fit the GPU's SMs.
-    Reads the buffer's own choice from an untuned probe buffer (no kernel runs) and raises,
-    on every rank, before any kernel could wait for blocks that never get an SM."""
-    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
-    with EPBuffer(backend="cuda", num_sms=num_sms, tune=False, **kw) as probe:
-        sms = probe._backend.desc.num_sms
-    ok = sms * sharing <= sm_count
-    if not all_ranks_ok(ok):
-        raise RuntimeError(
-            f"rank {dist.get_rank()}: EPBuffer runs {sms} blocks per copy kernel here, {sharing} ranks share {device} "
-            f"({sm_count} SMs){'' if ok else f': {sharing} x {sms} > {sm_count}'}; on some GPU the blocks of its "
-            f"ranks cannot all be resident, and the kernels would wait for each other until the timeout. "
-            f"Pass --num-sms {max(1, sm_count // sharing)} or fewer, or use a library whose EPBuffer fits its "
-            f"default num_sms to ranks that share a GPU")
-
-
 def run_case(cfg: BenchConfig, dtype_name: str, routing: str, n: int, timer: Timer, rate, args, device,
              experts: SwiGLUExperts | None) -> list[dict]:
     """Records of ``args.ops``: ours (eager, and graph-replayed on GPUs), then, where NCCL
@@ -200,7 +182,6 @@ def run_case(cfg: BenchConfig, dtype_name: str, routing: str, n: int, timer: Tim
 def run_all(args, device) -> tuple[list[dict], dict]:
     """Every case of ``args.bench_configs`` x dtypes x routings x n on this rank: (records,
     notes for the run's metadata). Rank 0 prints a line as each case starts."""
-    from ..placement import ranks_sharing_device
     from .timing import nvlink_rates_per_direction
 
     rank, W = dist.get_rank(), dist.get_world_size()
@@ -212,20 +193,12 @@ def run_all(args, device) -> tuple[list[dict], dict]:
     rate = max(rates.values()) if rates else None  # the floor uses the faster method
     records = [dict(config="nvlink", op="pair_copy_both_directions", impl=impl, ranks=W, mode="eager",
                     setup=args.setup, gbps_per_direction=value / 1e9) for impl, value in rates.items()]
-    sharing = 1
-    if args.setup == "shared_gpu":
-        sharing = len(ranks_sharing_device(dist.group.WORLD, device))
-        notes["ranks_sharing_rank0_gpu"] = sharing
     cases = [(cfg, d, r, n) for cfg in args.bench_configs for d in args.dtypes for r in args.routings for n in cfg.tokens]
     experts: dict[str, SwiGLUExperts] = {}  # the current configuration's only
-    fitted = set()
     for i, (cfg, dtype_name, routing, n) in enumerate(cases, 1):
         if rank == 0:
             print(f"[{i}/{len(cases)}] {cfg.name} {dtype_name} {routing} n={n} ({time.monotonic() - began:.0f} s)",
                   flush=True)
-        if args.setup == "shared_gpu" and (cfg.name, dtype_name) not in fitted:
-            check_blocks_fit(buffer_kwargs(cfg, dtype_name), args.num_sms, device, sharing)
-            fitted.add((cfg.name, dtype_name))
         if "layer" in args.ops and cfg.name not in experts:
             experts = {cfg.name: SwiGLUExperts(cfg.local_experts, cfg.hidden, cfg.intermediate, device,
                                                seed_of(cfg.name, "experts", rank))}
