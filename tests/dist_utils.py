@@ -62,6 +62,11 @@ def placement_problem(world_size: int) -> str | None:
     return None
 
 
+def ranks_per_gpu(world_size: int) -> int:
+    """The most ranks of a ``world_size``-rank GPU test on one GPU."""
+    return -(-world_size // gpu_count()) if ranks_share_gpus() else 1
+
+
 def rank_device(rank: int) -> torch.device:
     """The GPU of ``rank`` in a GPU test (the one rank -> GPU map)."""
     return torch.device("cuda", gpu_for_rank(rank, gpu_count()))

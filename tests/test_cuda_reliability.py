@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_utils import gpu_world_sizes, launch, rank_device, spawn_gpu
+from dist_utils import gpu_world_sizes, launch, rank_device, ranks_per_gpu, spawn_gpu
 from gpu_helpers import assert_dispatch_equal, assert_same_errors, make_buffer, poison
 from hybrid_ep_infer import BufferClosedError, PeerTimeoutError, RoutingDataError, mapped_peer_buffers
 from moe_cases import Case
@@ -273,11 +273,14 @@ def long_run_worker(rank: int, world_size: int, replays: int, check_every: int) 
 
 def two_streams_worker(rank: int, world_size: int, steps: int) -> None:
     """Micro-batches alternate between buffer A on stream 0 and buffer B on stream 1
-    (each buffer's calls stay on its stream); every result equals the reference's."""
+    (each buffer's calls stay on its stream); every result equals the reference's. The two
+    buffers' kernels run at once, so where ranks share a GPU they split its SMs (README)."""
     device = rank_device(rank)
     case = dataclasses.replace(peer_case(world_size), max_tokens=128, num_experts=8 * world_size, top_k=8)
     streams = [torch.cuda.Stream(device), torch.cuda.Stream(device)]
-    buffers = [make_buffer(case, "cuda"), make_buffer(case, "cuda")]
+    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+    num_sms = min(24, sm_count // (2 * ranks_per_gpu(world_size)))
+    buffers = [make_buffer(case, "cuda", num_sms=num_sms), make_buffer(case, "cuda", num_sms=num_sms)]
     ref = make_buffer(case, "reference", device=device)
     try:
         for step in range(steps):
@@ -288,15 +291,15 @@ def two_streams_worker(rank: int, world_size: int, steps: int) -> None:
                 with torch.cuda.stream(streams[b]):
                     result = buffers[b].dispatch(*inputs[b])
                     outs.append((result, buffers[b].combine(result.hidden, result.handle)))
-            torch.cuda.synchronize()
+            torch.cuda.synchronize()  # both streams
+            for buf in buffers:  # a timed-out wait is reported as such, before any comparison
+                buf.check_errors()
             for b in range(2):
                 want = ref.dispatch(*inputs[b])
                 expected = ref.combine(want.hidden, want.handle)
                 torch.cuda.synchronize()
                 assert_dispatch_equal(outs[b][0], want, f"rank {rank} step {step} buffer {b}")
                 assert torch.equal(outs[b][1].view(torch.int16), expected.view(torch.int16)), f"step {step} buffer {b}"
-            for buf in buffers:
-                buf.check_errors()
     finally:
         for buf in buffers + [ref]:
             buf.close()
