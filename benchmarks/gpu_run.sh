@@ -61,10 +61,10 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # --one-gpu: every rank on GPU 0 under CUDA MPS (without it the ranks' processes time-slice
 # the GPU, about 100 times slower). A daemon left by an earlier call that was killed is
 # restarted, so this call starts from a fresh server.
-stop_mps() {
-  if pgrep -x nvidia-cuda-mps-control >/dev/null 2>&1; then
-    echo quit | timeout 30 nvidia-cuda-mps-control || pkill -9 -x nvidia-cuda-mps-control
-    sleep 1
+stop_mps() {  # (a process name holds 15 characters: the daemon shows as "nvidia-cuda-mps")
+  if pgrep -f nvidia-cuda-mps >/dev/null 2>&1; then
+    echo quit | timeout 30 nvidia-cuda-mps-control >/dev/null 2>&1 || pkill -9 -f nvidia-cuda-mps
+    for _ in 1 2 3 4 5 6 7 8 9 10; do pgrep -f nvidia-cuda-mps >/dev/null 2>&1 || break; sleep 1; done
   fi
 }
 if [ "$one_gpu" -eq 1 ]; then
