@@ -67,6 +67,13 @@ def ranks_per_gpu(world_size: int) -> int:
     return -(-world_size // gpu_count()) if ranks_share_gpus() else 1
 
 
+def tokens_that_fit(world_size: int, tokens: int) -> int:
+    """Tokens per rank of a large-shape GPU case: ``tokens``, cut where more than two ranks
+    share a GPU so that all of their buffers fit its memory (8 ranks at 4096 tokens of
+    H = 7168 need more than an H100's 80 GB)."""
+    return min(tokens, 2 * tokens // ranks_per_gpu(world_size))
+
+
 def rank_device(rank: int) -> torch.device:
     """The GPU of ``rank`` in a GPU test (the one rank -> GPU map)."""
     return torch.device("cuda", gpu_for_rank(rank, gpu_count()))
