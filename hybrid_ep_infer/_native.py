@@ -8,6 +8,9 @@ loaded, the package still imports and the reference backend works;
 Search order: ``$HYBRID_EP_INFER_LIBRARY``; next to this file (a wheel install);
 the installed distribution's files (an editable install); ``build/`` of a
 source checkout (``cmake -B build && cmake --build build``).
+
+An install also carries ``_cuda_build.txt``, one line written by CMake: whether the
+library was built, and if not, why (no CUDA compiler, or ``HEP_CUDA=OFF``).
 """
 
 from __future__ import annotations
@@ -132,20 +135,39 @@ _SIGNATURES = {
 }
 
 
+BUILD_NOTE_NAME = "_cuda_build.txt"
+
+
+def _installed_files(name: str) -> list[Path]:
+    """Where the installed distribution put files called ``name`` (next to this file
+    for a wheel; elsewhere in site-packages for an editable install)."""
+    paths = [Path(__file__).resolve().parent / name]
+    try:
+        for f in importlib.metadata.files("hybrid-ep-infer") or []:
+            if f.name == name:
+                paths.append(Path(f.locate()).resolve())
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return paths
+
+
 def _candidate_paths() -> list[Path]:
     paths = []
     if os.environ.get("HYBRID_EP_INFER_LIBRARY"):
         paths.append(Path(os.environ["HYBRID_EP_INFER_LIBRARY"]))
-    here = Path(__file__).resolve().parent
-    paths.append(here / LIBRARY_NAME)
-    try:
-        for f in importlib.metadata.files("hybrid-ep-infer") or []:
-            if f.name == LIBRARY_NAME:
-                paths.append(Path(f.locate()).resolve())
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    paths.append(here.parent / "build" / LIBRARY_NAME)
+    paths.extend(_installed_files(LIBRARY_NAME))
+    paths.append(Path(__file__).resolve().parent.parent / "build" / LIBRARY_NAME)
     return paths
+
+
+def build_note() -> str | None:
+    """What the install's build said about the compiled library, or None (not installed by pip)."""
+    for path in _installed_files(BUILD_NOTE_NAME):
+        try:
+            return path.read_text().strip()
+        except OSError:
+            continue
+    return None
 
 
 class NativeLibrary:
@@ -180,8 +202,13 @@ def _load() -> tuple[NativeLibrary | None, str]:
         except (OSError, AttributeError) as e:  # unloadable, or an older build missing a symbol
             tried.append(f"{path}: {e}")
     if not tried:
+        note = build_note()
+        if note is not None and note.startswith("not built"):
+            return None, (f"the compiled library was not built: {note.removeprefix('not built: ')}; "
+                          "reinstall the package with the CUDA toolkit (nvcc) on PATH, "
+                          "or set HYBRID_EP_INFER_LIBRARY")
         return None, f"{LIBRARY_NAME} not found (install the package with the CUDA toolkit present, " \
-                      "or set HYBRID_EP_INFER_LIBRARY)"
+                     "or set HYBRID_EP_INFER_LIBRARY)"
     return None, "could not load the compiled library: " + "; ".join(tried)
 
 

@@ -343,10 +343,12 @@ class EPBuffer:
 
 
 def cuda_backend_unavailable_reason() -> str | None:
-    """``None`` if ``backend="cuda"`` can be used here, else why not."""
-    if not torch.cuda.is_available():
-        return "no CUDA device is visible (torch.cuda.is_available() is False)"
+    """``None`` if ``backend="cuda"`` can be used here, else why not (every reason that applies:
+    no GPU, and the compiled library missing or not built at install time)."""
     lib, status = _native.library_status()
+    if not torch.cuda.is_available():
+        reason = "no CUDA device is visible (torch.cuda.is_available() is False)"
+        return reason if lib is not None else f"{reason}; also, {status}"
     if lib is None:
         return status
     major, minor = torch.cuda.get_device_capability()
