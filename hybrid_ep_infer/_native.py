@@ -26,7 +26,7 @@ import torch
 from .errors import ERROR_BLOCK_WORDS, ErrorKind, ErrorSnapshot, HybridEPError
 
 LIBRARY_NAME = "libhybrid_ep_infer.so"
-API_VERSION = 3  # HEP_API_VERSION in the C header
+API_VERSION = 4  # HEP_API_VERSION in the C header
 
 HEP_SUCCESS = 0
 HEP_INDEX_INT32 = 0
@@ -113,7 +113,7 @@ class Tuning(ctypes.Structure):
 
 class CombineArgs(ctypes.Structure):
     _fields_ = [("y", ctypes.c_void_p), ("out", ctypes.c_void_p), ("num_rows", ctypes.c_int32),
-                ("weighted", ctypes.c_int32)]
+                ("weighted", ctypes.c_int32), ("topk_idx", ctypes.c_void_p), ("idx_dtype", ctypes.c_int)]
 
 
 _SIGNATURES = {
@@ -310,9 +310,19 @@ class NativeContext:
         stream = torch.cuda.current_stream(self.device).cuda_stream
         self.lib.check(self.lib.hep_dispatch(self._live_handle(), ctypes.byref(args), stream), "hep_dispatch")
 
-    def combine(self, y: torch.Tensor, out: torch.Tensor, num_rows: int, weighted: bool) -> None:
-        """Launch combine on the current stream for the latest dispatch; arguments already checked."""
-        args = CombineArgs(y=y.data_ptr(), out=out.data_ptr(), num_rows=num_rows, weighted=int(weighted))
+    def combine(self, y: torch.Tensor, out: torch.Tensor, num_rows: int, weighted: bool,
+                topk_idx: torch.Tensor | None = None) -> None:
+        """Launch combine on the current stream for the latest dispatch; arguments already checked.
+
+        ``topk_idx`` ``[num_rows, K]`` (contiguous, on this device): the routing the combine
+        is for. If its rows ``t < n`` (sanitized) differ from the latest dispatch's, the
+        combine is stale: the output is all zeros and ``ErrorKind.STALE_COMBINE`` is
+        counted. ``None``: no check.
+        """
+        args = CombineArgs(y=y.data_ptr(), out=out.data_ptr(), num_rows=num_rows, weighted=int(weighted),
+                           topk_idx=topk_idx.data_ptr() if topk_idx is not None else None,
+                           idx_dtype=HEP_INDEX_INT64 if topk_idx is not None and topk_idx.dtype == torch.int64
+                           else HEP_INDEX_INT32)
         stream = torch.cuda.current_stream(self.device).cuda_stream
         self.lib.check(self.lib.hep_combine(self._live_handle(), ctypes.byref(args), stream), "hep_combine")
 

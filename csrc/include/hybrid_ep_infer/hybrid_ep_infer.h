@@ -29,7 +29,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct or signature below changes; Python checks it at load. */
-#define HEP_API_VERSION 3
+#define HEP_API_VERSION 4
 
 typedef enum hep_status {
   HEP_SUCCESS = 0,
@@ -122,6 +122,13 @@ typedef struct hep_combine_args {
   void* out;         /* [num_rows, H] bf16, contiguous */
   int32_t num_rows;  /* m of the matching dispatch */
   int32_t weighted;  /* multiply each row by its dispatched weight */
+  /* The stale-combine check (optional; NULL: none): the routing [num_rows, K] of the
+   * dispatch this combine is for. Its rows t < n, sanitized as dispatch does, must equal
+   * those of the latest hep_dispatch on this context; if any differ, this rank's output
+   * is all +0.0 and HEP_ERROR_STALE_COMBINE is counted once. The exchange runs as usual
+   * either way (it is a collective). */
+  const void* topk_idx;
+  hep_index_dtype_t idx_dtype;
 } hep_combine_args_t;
 
 /* How the two copy kernels divide their work. Never changes results, but the chunk
@@ -177,7 +184,8 @@ HEP_API hep_status_t hep_dispatch(hep_context_t* context, const hep_dispatch_arg
 
 /* SPEC section 4 on the device: per-destination partial sums in fixed order, one bf16
  * partial per (token, destination) over NVLink, summed by the source in ascending rank.
- * Uses the plan of the latest hep_dispatch on this context. A collective. */
+ * Uses the plan of the latest hep_dispatch on this context (see the stale-combine
+ * check in hep_combine_args_t). A collective. */
 HEP_API hep_status_t hep_combine(hep_context_t* context, const hep_combine_args_t* args, uint64_t stream);
 
 /* SPEC section 6 routing validation, on the device: writes sanitized_idx with
