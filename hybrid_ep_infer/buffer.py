@@ -1,6 +1,6 @@
 """The public buffer object: dispatch (with permute) and combine (with unpermute).
 
-See ``../shared/SPEC.md`` (the contract) and the README for the memory formula.
+See ``docs/SPEC.md`` (the contract) and the README for the memory formula.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class DispatchHandle:
 
 
 class DispatchResult(NamedTuple):
-    """Dispatch output on this rank (SPEC section 3), expert-major.
+    """Dispatch output on this rank (docs/SPEC.md section 3), expert-major.
 
     Every tensor is a **view of buffer memory**, valid until the next ``dispatch``
     on this buffer (which overwrites it); copy what must live longer. Row shape R
@@ -217,7 +217,7 @@ class EPBuffer:
 
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *,
                  scales: torch.Tensor | None = None, num_tokens=None) -> DispatchResult:
-        """Send each token to the ranks of its experts, grouped by expert (SPEC section 3).
+        """Send each token to the ranks of its experts, grouped by expert (docs/SPEC.md section 3).
 
         Args:
             x: ``[m, H]`` payload dtype, contiguous, ``m <= max_tokens``.
@@ -245,7 +245,7 @@ class EPBuffer:
 
     def combine(self, y: torch.Tensor, handle: DispatchHandle, *, out: torch.Tensor | None = None,
                 weighted: bool = True) -> torch.Tensor:
-        """Bring expert outputs back to their tokens and reduce them (SPEC section 4).
+        """Bring expert outputs back to their tokens and reduce them (docs/SPEC.md section 4).
 
         Args:
             y: expert outputs in the dispatch layout: ``[*R, H]`` bfloat16 (same row

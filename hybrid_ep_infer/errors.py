@@ -1,4 +1,4 @@
-"""Exceptions and the sticky error block of SPEC section 6.
+"""Exceptions and the sticky error block of docs/SPEC.md section 6.
 
 Bad arguments raise ``ValueError``/``TypeError`` before anything is launched.
 Problems only the device can see (bad expert ids, a device ``num_tokens`` out of

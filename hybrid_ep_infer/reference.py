@@ -1,4 +1,4 @@
-"""The reference backend: SPEC sections 2-4 in plain torch, eager, on any device.
+"""The reference backend: docs/SPEC.md sections 2-4 in plain torch, eager, on any device.
 
 This module *defines* the semantics every kernel is checked against, bit for bit,
 so it is written for clarity: each step is one vectorised torch expression, and
@@ -11,7 +11,7 @@ Dispatch on rank r, from every rank s's routing:
   3. select the rows (s, t, k) whose expert lives on r, order them by
      (local expert, s, t, k), place them under the capacity, write payload,
      weights, scales, row_expert, counts, offsets and zero padding.
-Combine reverses it with the exact recipe of SPEC section 4: per destination rank,
+Combine reverses it with the exact recipe of docs/SPEC.md section 4: per destination rank,
 an fp32 sum over ascending k of separately rounded products, rounded once to bf16;
 per source token, an fp32 sum of those bf16 partials in ascending rank order.
 """
@@ -29,7 +29,7 @@ from .validation import DispatchArgs, DispatchOutputs
 
 
 def sanitize_routing(topk_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, int, int]:
-    """Drop invalid and repeated expert ids (SPEC section 6).
+    """Drop invalid and repeated expert ids (docs/SPEC.md section 6).
 
     Args:
         topk_idx: ``[n, K]`` int32/int64, only the rows to be dispatched.

@@ -1,4 +1,4 @@
-"""Argument checks of dispatch and combine (SPEC section 6), shared by every backend.
+"""Argument checks of dispatch and combine (docs/SPEC.md section 6), shared by every backend.
 
 Each argument gets its own block and its own message naming it; nothing is
 launched before all of them pass. ``assert`` is never used: it vanishes under -O.
@@ -31,7 +31,7 @@ class DispatchArgs:
 
 
 class DispatchOutputs(NamedTuple):
-    """The tensors a dispatch writes (SPEC section 3); scales/offsets may be None."""
+    """The tensors a dispatch writes (docs/SPEC.md section 3); scales/offsets may be None."""
 
     hidden: torch.Tensor
     scales: torch.Tensor | None

@@ -1,4 +1,4 @@
-// Combine with fused unpermute (SPEC section 4): one kernel, two warp roles.
+// Combine with fused unpermute (docs/SPEC.md section 4): one kernel, two warp roles.
 //
 //   reduce   on each destination, per received token: the fp32 sum over ascending k
 //            of fp32(w * y) (or fp32(y)), separate multiply and add, rounded once to

@@ -1,5 +1,5 @@
 /*
- * The sticky error block (SPEC section 6), one per context, in host-mapped memory.
+ * The sticky error block (docs/SPEC.md section 6), one per context, in host-mapped memory.
  *
  * Kernels never fail loudly on bad data: they drop the offending item and add one
  * to its counter here with a system-scope atomic. The host reads the block without
