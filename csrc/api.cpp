@@ -308,6 +308,8 @@ hep_status_t hep_combine(hep_context_t* context, const hep_combine_args_t* args,
   HEP_REQUIRE(args->y != nullptr && (args->num_rows == 0 || args->out != nullptr), "hep_combine: y or out is NULL");
   HEP_REQUIRE(reinterpret_cast<uintptr_t>(args->y) % 16 == 0 && reinterpret_cast<uintptr_t>(args->out) % 16 == 0,
               "hep_combine: y and out must be 16-byte aligned");
+  HEP_REQUIRE(args->topk_idx == nullptr || args->idx_dtype == HEP_INDEX_INT32 || args->idx_dtype == HEP_INDEX_INT64,
+              "hep_combine: bad idx_dtype");
 
   hep::CombineParams p{};
   hep::fill_buffer_params(*context, p);
@@ -317,6 +319,8 @@ hep_status_t hep_combine(hep_context_t* context, const hep_combine_args_t* args,
   p.out = args->out;
   p.num_rows = args->num_rows;
   p.weighted = args->weighted != 0;
+  p.topk_idx = args->topk_idx;
+  p.idx_is_int64 = args->idx_dtype == HEP_INDEX_INT64;
 
   hep::DeviceGuard guard(context->device);
   HEP_CUDA_CALL(guard.status());

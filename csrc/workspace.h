@@ -77,6 +77,7 @@ struct WorkspaceOffsets {
   int64_t epoch;          // uint64: dispatches completed; uint32 "blocks done" right after it
   int64_t combine_epoch;  // uint64: combines completed; uint32 "blocks done" right after it
   int64_t broken;         // uint32: set once any wait of this buffer timed out (sticky)
+  int64_t combine_stale;  // uint32: a row of the current combine's routing differed (reset by its last block)
   int64_t total;
 };
 
@@ -130,6 +131,7 @@ inline WorkspaceOffsets make_offsets(const Sizes& s) {
   o.epoch = take(16);
   o.combine_epoch = take(16);
   o.broken = take(16);
+  o.combine_stale = take(16);
   o.total = at;
   return o;
 }

@@ -1,6 +1,6 @@
 """hybrid_ep_infer: MoE expert-parallel dispatch/combine that fits inside CUDA graphs.
 
-Main entry point: :class:`EPBuffer`. The contract is the project's SPEC; the
+Main entry point: :class:`EPBuffer`. The contract is the project's SPEC (``docs/SPEC.md``); the
 reference backend (pure torch) defines the semantics and runs anywhere.
 """
 

@@ -8,6 +8,9 @@ loaded, the package still imports and the reference backend works;
 Search order: ``$HYBRID_EP_INFER_LIBRARY``; next to this file (a wheel install);
 the installed distribution's files (an editable install); ``build/`` of a
 source checkout (``cmake -B build && cmake --build build``).
+
+An install also carries ``_cuda_build.txt``, one line written by CMake: whether the
+library was built, and if not, why (no CUDA compiler, or ``HEP_CUDA=OFF``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 from .errors import ERROR_BLOCK_WORDS, ErrorKind, ErrorSnapshot, HybridEPError
 
 LIBRARY_NAME = "libhybrid_ep_infer.so"
-API_VERSION = 3  # HEP_API_VERSION in the C header
+API_VERSION = 4  # HEP_API_VERSION in the C header
 
 HEP_SUCCESS = 0
 HEP_INDEX_INT32 = 0
@@ -110,7 +113,7 @@ class Tuning(ctypes.Structure):
 
 class CombineArgs(ctypes.Structure):
     _fields_ = [("y", ctypes.c_void_p), ("out", ctypes.c_void_p), ("num_rows", ctypes.c_int32),
-                ("weighted", ctypes.c_int32)]
+                ("weighted", ctypes.c_int32), ("topk_idx", ctypes.c_void_p), ("idx_dtype", ctypes.c_int)]
 
 
 _SIGNATURES = {
@@ -132,20 +135,39 @@ _SIGNATURES = {
 }
 
 
+BUILD_NOTE_NAME = "_cuda_build.txt"
+
+
+def _installed_files(name: str) -> list[Path]:
+    """Where the installed distribution put files called ``name`` (next to this file
+    for a wheel; elsewhere in site-packages for an editable install)."""
+    paths = [Path(__file__).resolve().parent / name]
+    try:
+        for f in importlib.metadata.files("hybrid-ep-infer") or []:
+            if f.name == name:
+                paths.append(Path(f.locate()).resolve())
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return paths
+
+
 def _candidate_paths() -> list[Path]:
     paths = []
     if os.environ.get("HYBRID_EP_INFER_LIBRARY"):
         paths.append(Path(os.environ["HYBRID_EP_INFER_LIBRARY"]))
-    here = Path(__file__).resolve().parent
-    paths.append(here / LIBRARY_NAME)
-    try:
-        for f in importlib.metadata.files("hybrid-ep-infer") or []:
-            if f.name == LIBRARY_NAME:
-                paths.append(Path(f.locate()).resolve())
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    paths.append(here.parent / "build" / LIBRARY_NAME)
+    paths.extend(_installed_files(LIBRARY_NAME))
+    paths.append(Path(__file__).resolve().parent.parent / "build" / LIBRARY_NAME)
     return paths
+
+
+def build_note() -> str | None:
+    """What the install's build said about the compiled library, or None (not installed by pip)."""
+    for path in _installed_files(BUILD_NOTE_NAME):
+        try:
+            return path.read_text().strip()
+        except OSError:
+            continue
+    return None
 
 
 class NativeLibrary:
@@ -180,8 +202,13 @@ def _load() -> tuple[NativeLibrary | None, str]:
         except (OSError, AttributeError) as e:  # unloadable, or an older build missing a symbol
             tried.append(f"{path}: {e}")
     if not tried:
+        note = build_note()
+        if note is not None and note.startswith("not built"):
+            return None, (f"the compiled library was not built: {note.removeprefix('not built: ')}; "
+                          "reinstall the package with the CUDA toolkit (nvcc) on PATH, "
+                          "or set HYBRID_EP_INFER_LIBRARY")
         return None, f"{LIBRARY_NAME} not found (install the package with the CUDA toolkit present, " \
-                      "or set HYBRID_EP_INFER_LIBRARY)"
+                     "or set HYBRID_EP_INFER_LIBRARY)"
     return None, "could not load the compiled library: " + "; ".join(tried)
 
 
@@ -283,9 +310,19 @@ class NativeContext:
         stream = torch.cuda.current_stream(self.device).cuda_stream
         self.lib.check(self.lib.hep_dispatch(self._live_handle(), ctypes.byref(args), stream), "hep_dispatch")
 
-    def combine(self, y: torch.Tensor, out: torch.Tensor, num_rows: int, weighted: bool) -> None:
-        """Launch combine on the current stream for the latest dispatch; arguments already checked."""
-        args = CombineArgs(y=y.data_ptr(), out=out.data_ptr(), num_rows=num_rows, weighted=int(weighted))
+    def combine(self, y: torch.Tensor, out: torch.Tensor, num_rows: int, weighted: bool,
+                topk_idx: torch.Tensor | None = None) -> None:
+        """Launch combine on the current stream for the latest dispatch; arguments already checked.
+
+        ``topk_idx`` ``[num_rows, K]`` (contiguous, on this device): the routing the combine
+        is for. If its rows ``t < n`` (sanitized) differ from the latest dispatch's, the
+        combine is stale: the output is all zeros and ``ErrorKind.STALE_COMBINE`` is
+        counted. ``None``: no check.
+        """
+        args = CombineArgs(y=y.data_ptr(), out=out.data_ptr(), num_rows=num_rows, weighted=int(weighted),
+                           topk_idx=topk_idx.data_ptr() if topk_idx is not None else None,
+                           idx_dtype=HEP_INDEX_INT64 if topk_idx is not None and topk_idx.dtype == torch.int64
+                           else HEP_INDEX_INT32)
         stream = torch.cuda.current_stream(self.device).cuda_stream
         self.lib.check(self.lib.hep_combine(self._live_handle(), ctypes.byref(args), stream), "hep_combine")
 

@@ -1,6 +1,6 @@
 """The public buffer object: dispatch (with permute) and combine (with unpermute).
 
-See ``../shared/SPEC.md`` (the contract) and the README for the memory formula.
+See ``docs/SPEC.md`` (the contract) and the README for the memory formula.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class DispatchHandle:
 
 
 class DispatchResult(NamedTuple):
-    """Dispatch output on this rank (SPEC section 3), expert-major.
+    """Dispatch output on this rank (docs/SPEC.md section 3), expert-major.
 
     Every tensor is a **view of buffer memory**, valid until the next ``dispatch``
     on this buffer (which overwrites it); copy what must live longer. Row shape R
@@ -220,7 +220,7 @@ class EPBuffer:
 
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *,
                  scales: torch.Tensor | None = None, num_tokens=None) -> DispatchResult:
-        """Send each token to the ranks of its experts, grouped by expert (SPEC section 3).
+        """Send each token to the ranks of its experts, grouped by expert (docs/SPEC.md section 3).
 
         Args:
             x: ``[m, H]`` payload dtype, contiguous, ``m <= max_tokens``.
@@ -248,7 +248,7 @@ class EPBuffer:
 
     def combine(self, y: torch.Tensor, handle: DispatchHandle, *, out: torch.Tensor | None = None,
                 weighted: bool = True) -> torch.Tensor:
-        """Bring expert outputs back to their tokens and reduce them (SPEC section 4).
+        """Bring expert outputs back to their tokens and reduce them (docs/SPEC.md section 4).
 
         Args:
             y: expert outputs in the dispatch layout: ``[*R, H]`` bfloat16 (same row
@@ -346,10 +346,12 @@ class EPBuffer:
 
 
 def cuda_backend_unavailable_reason() -> str | None:
-    """``None`` if ``backend="cuda"`` can be used here, else why not."""
-    if not torch.cuda.is_available():
-        return "no CUDA device is visible (torch.cuda.is_available() is False)"
+    """``None`` if ``backend="cuda"`` can be used here, else why not (every reason that applies:
+    no GPU, and the compiled library missing or not built at install time)."""
     lib, status = _native.library_status()
+    if not torch.cuda.is_available():
+        reason = "no CUDA device is visible (torch.cuda.is_available() is False)"
+        return reason if lib is not None else f"{reason}; also, {status}"
     if lib is None:
         return status
     major, minor = torch.cuda.get_device_capability()

@@ -1,4 +1,4 @@
-"""The sizes a buffer is built for (SPEC section 1) and the shapes they imply.
+"""The sizes a buffer is built for (docs/SPEC.md section 1) and the shapes they imply.
 
 Shared by every backend, so the reference and the CUDA backend agree on layout,
 capacity and memory.
@@ -15,7 +15,7 @@ BATCHED = "batched"
 LAYOUTS = (CONTIGUOUS, BATCHED)
 
 PAYLOAD_DTYPES = (torch.bfloat16, torch.float8_e4m3fn, torch.uint8)
-FP8_BLOCK = 128  # elements per FP8 scale (SPEC section 2)
+FP8_BLOCK = 128  # elements per FP8 scale (docs/SPEC.md section 2)
 
 
 def align_up(value: int, multiple: int) -> int:

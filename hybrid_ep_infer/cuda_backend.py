@@ -94,10 +94,11 @@ class CudaBackend:
         return None
 
     def combine(self, y: torch.Tensor, state, num_rows: int, out: torch.Tensor | None, weighted: bool,
-                weights: torch.Tensor) -> torch.Tensor:
-        """Reads the plan and weights of the latest dispatch from the workspace."""
+                weights: torch.Tensor, topk_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Reads the plan and weights of the latest dispatch from the workspace. With
+        ``topk_idx``, the kernel also runs the stale-combine check (ops.py)."""
         target = out if out is not None else self.combine_out[:num_rows]
-        self.context.combine(y, target, num_rows, weighted)
+        self.context.combine(y, target, num_rows, weighted, topk_idx=topk_idx)
         return target
 
     def take_errors(self) -> ErrorSnapshot:

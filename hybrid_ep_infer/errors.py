@@ -1,8 +1,9 @@
-"""Exceptions and the sticky error block of SPEC section 6.
+"""Exceptions and the sticky error block of docs/SPEC.md section 6.
 
 Bad arguments raise ``ValueError``/``TypeError`` before anything is launched.
 Problems only the device can see (bad expert ids, a device ``num_tokens`` out of
-range, capacity overflow) drop the offending item and are counted in an error
+range, capacity overflow, a combine given other routing than the latest dispatch's)
+drop the offending item (a stale combine outputs zeros) and are counted in an error
 block; :meth:`EPBuffer.check_errors` turns the counts into a
 :class:`RoutingDataError`. A peer that never arrives becomes a
 :class:`PeerTimeoutError`.
@@ -24,10 +25,11 @@ class ErrorKind(enum.IntEnum):
     BAD_NUM_TOKENS = 2
     CAPACITY_OVERFLOW = 3
     TIMEOUT = 4
+    STALE_COMBINE = 5
 
 
 NUM_ERROR_KINDS = len(ErrorKind)
-ERROR_BLOCK_WORDS = 8  # counts[5], timeout_phase, timeout_peer, reserved (uint32 each)
+ERROR_BLOCK_WORDS = 9  # counts[6], timeout_phase, timeout_peer, reserved (uint32 each)
 
 _DESCRIPTIONS = {
     ErrorKind.INVALID_EXPERT_ID: "expert id outside [-1, {num_experts}) (that slot was dropped)",
@@ -35,6 +37,8 @@ _DESCRIPTIONS = {
     ErrorKind.BAD_NUM_TOKENS: "device num_tokens outside [0, m] (that rank sent no tokens)",
     ErrorKind.CAPACITY_OVERFLOW: "dispatch rows past the buffer's capacity (not written; combine treats them as absent)",
     ErrorKind.TIMEOUT: "wait for a peer timed out",
+    ErrorKind.STALE_COMBINE: ("combine whose topk_idx is not the routing of the latest dispatch on this buffer "
+                              "(a stale combine: its output was set to zero)"),
 }
 
 # Wait phases of csrc/common/wait.cuh (timeout_phase in the error block), for messages.

@@ -11,6 +11,14 @@ arguments, so shapes are static.
 
 Both backends sit behind the ops. Validation runs inside the op (at run time, before
 any launch), so tracing sees no data-dependent Python.
+
+A combine works on the latest dispatch of its buffer, and its ``topk_idx`` says which
+dispatch the caller meant: if its rows ``t < n`` (sanitized as dispatch does) differ
+from the routing the latest dispatch was given, the combine is *stale* (say, one left
+over from before another dispatch, or replayed from a CUDA graph after one). It still
+takes part in the exchange, a collective, but its output is all +0.0 and it is counted
+as ``ErrorKind.STALE_COMBINE``, which ``check_errors()`` raises (no host sync: the CUDA
+backend compares on the device).
 """
 
 from __future__ import annotations
@@ -66,8 +74,8 @@ def _combine_impl(buffer_id, y, topk_idx, weights, row_expert, tokens_per_expert
         if out.shape[0] != latest.num_rows:
             raise ValueError(f"out must have {latest.num_rows} rows (those of the latest dispatch), "
                              f"got {out.shape[0]}")
-        check_combine_args(buffer.config, buffer.device, y, out, latest.num_rows)
-        buffer._backend.combine(y, latest.state, latest.num_rows, out, weighted, weights)
+        check_combine_args(buffer.config, buffer.device, y, out, latest.num_rows, topk_idx=topk_idx)
+        buffer._backend.combine(y, latest.state, latest.num_rows, out, weighted, weights, topk_idx=topk_idx)
         buffer._maybe_check_errors()
 
 
@@ -105,8 +113,10 @@ def combine(buffer: EPBuffer, y: torch.Tensor, dispatched: DispatchResult, topk_
     """:meth:`EPBuffer.combine` through the custom op, for the latest dispatch on ``buffer``.
 
     ``dispatched`` is what :func:`dispatch` returned and ``topk_idx`` the routing it
-    was given (both tie this combine to that dispatch for the compiler). ``out``
-    ``[m, H]`` bf16 defaults to a view of buffer memory.
+    was given (both tie this combine to that dispatch for the compiler). A combine
+    whose ``topk_idx`` is not the latest dispatch's routing is stale: it outputs zeros
+    and is counted as ``ErrorKind.STALE_COMBINE`` (module doc). ``out`` ``[m, H]`` bf16
+    defaults to a view of buffer memory.
     """
     if out is None:
         out = buffer._backend.combine_out[: topk_idx.shape[0]]

@@ -1,4 +1,4 @@
-"""The reference backend: SPEC sections 2-4 in plain torch, eager, on any device.
+"""The reference backend: docs/SPEC.md sections 2-4 in plain torch, eager, on any device.
 
 This module *defines* the semantics every kernel is checked against, bit for bit,
 so it is written for clarity: each step is one vectorised torch expression, and
@@ -11,7 +11,7 @@ Dispatch on rank r, from every rank s's routing:
   3. select the rows (s, t, k) whose expert lives on r, order them by
      (local expert, s, t, k), place them under the capacity, write payload,
      weights, scales, row_expert, counts, offsets and zero padding.
-Combine reverses it with the exact recipe of SPEC section 4: per destination rank,
+Combine reverses it with the exact recipe of docs/SPEC.md section 4: per destination rank,
 an fp32 sum over ascending k of separately rounded products, rounded once to bf16;
 per source token, an fp32 sum of those bf16 partials in ascending rank order.
 """
@@ -29,7 +29,7 @@ from .validation import DispatchArgs, DispatchOutputs
 
 
 def sanitize_routing(topk_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, int, int]:
-    """Drop invalid and repeated expert ids (SPEC section 6).
+    """Drop invalid and repeated expert ids (docs/SPEC.md section 6).
 
     Args:
         topk_idx: ``[n, K]`` int32/int64, only the rows to be dispatched.
@@ -57,7 +57,8 @@ class ReferenceRows:
 
     All are 1-D int64 of the same length R (written rows on this rank), in the
     order rows were selected: ``dest`` is the flat row slot, ``src_rank``,
-    ``src_token`` and ``slot`` are (s, t, k).
+    ``src_token`` and ``slot`` are (s, t, k). ``ids`` is this rank's own sanitized
+    routing ``[n, K]``, for the stale-combine check.
     """
 
     dest: torch.Tensor
@@ -65,6 +66,7 @@ class ReferenceRows:
     src_token: torch.Tensor
     slot: torch.Tensor
     num_tokens: int  # n of this rank, after the device-side range check
+    ids: torch.Tensor
 
 
 class ReferenceBackend:
@@ -176,7 +178,7 @@ class ReferenceBackend:
                     out.scales[lo:hi] = 0
             out.offsets.copy_(torch.tensor(offsets, dtype=torch.int32))
         out.tokens_per_expert.copy_(torch.tensor(written, dtype=torch.int32))
-        return ReferenceRows(dest, src_rank, src_token, slot, n)
+        return ReferenceRows(dest, src_rank, src_token, slot, n, ids)
 
     def _place(self, rows_per_expert: list[int]) -> tuple[list[int], list[int]]:
         """Rows written per expert and the contiguous offsets ([] of L+1; batched: unused)."""
@@ -193,8 +195,13 @@ class ReferenceBackend:
     # ------------------------------------------------------------------ combine
 
     def combine(self, y: torch.Tensor, rows: ReferenceRows, num_rows: int, out, weighted: bool,
-                weights: torch.Tensor) -> torch.Tensor:
-        """``weights``: the dispatch output's weights (normally ``self.weights``)."""
+                weights: torch.Tensor, topk_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """``weights``: the dispatch output's weights (normally ``self.weights``).
+
+        ``topk_idx`` (the custom op's): if its rows ``t < n``, sanitized, differ from the
+        latest dispatch's, the combine is stale: it takes part in the exchange as usual,
+        but this rank's output is +0.0 and the combine is counted (``STALE_COMBINE``).
+        """
         c = self.config
         W, T, K, H = c.world_size, c.max_tokens, c.top_k, c.hidden
 
@@ -219,6 +226,11 @@ class ReferenceBackend:
             total = total + received[r].float()
         # Rows t >= n got no partials anywhere, so they are +0.0 already.
         result = total[:num_rows].to(torch.bfloat16)
+        if topk_idx is not None:
+            ids, _, _ = sanitize_routing(topk_idx[: rows.num_tokens], c.num_experts)
+            if not torch.equal(ids, rows.ids):
+                self._errors[ErrorKind.STALE_COMBINE] += 1
+                result = torch.zeros_like(result)
         target = out if out is not None else self.combine_out[:num_rows]
         target.copy_(result)
         return target

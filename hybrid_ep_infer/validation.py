@@ -1,4 +1,4 @@
-"""Argument checks of dispatch and combine (SPEC section 6), shared by every backend.
+"""Argument checks of dispatch and combine (docs/SPEC.md section 6), shared by every backend.
 
 Each argument gets its own block and its own message naming it; nothing is
 launched before all of them pass. ``assert`` is never used: it vanishes under -O.
@@ -31,7 +31,7 @@ class DispatchArgs:
 
 
 class DispatchOutputs(NamedTuple):
-    """The tensors a dispatch writes (SPEC section 3); scales/offsets may be None."""
+    """The tensors a dispatch writes (docs/SPEC.md section 3); scales/offsets may be None."""
 
     hidden: torch.Tensor
     scales: torch.Tensor | None
@@ -102,9 +102,14 @@ def check_dispatch_args(config: BufferConfig, device: torch.device, x, topk_idx,
     return DispatchArgs(x, topk_idx, topk_weights, scales, num_tokens, num_tokens_device)
 
 
-def check_combine_args(config: BufferConfig, device: torch.device, y, out, num_rows: int) -> None:
+def check_combine_args(config: BufferConfig, device: torch.device, y, out, num_rows: int, *,
+                       topk_idx=None) -> None:
     row_shape = config.row_shape
     _check_tensor("y", y, dtypes=(torch.bfloat16,), shape=(*row_shape, config.hidden), device=device, aligned=True)
     if out is not None:
         _check_tensor("out", out, dtypes=(torch.bfloat16,), shape=(num_rows, config.hidden), device=device,
                       aligned=True)
+    # The custom op's routing, for the stale-combine check: the dispatch's [m, K] ids.
+    if topk_idx is not None:
+        _check_tensor("topk_idx", topk_idx, dtypes=(torch.int32, torch.int64), shape=(num_rows, config.top_k),
+                      device=device)

@@ -1,4 +1,4 @@
-"""Seeded inputs for every rank, and a slow, loop-by-loop oracle of SPEC sections 2-4.
+"""Seeded inputs for every rank, and a slow, loop-by-loop oracle of docs/SPEC.md sections 2-4.
 
 Every rank builds *all* ranks' inputs from one seed, so it can compute its own
 expected outputs locally. The oracle below is deliberately naive (Python loops
@@ -146,7 +146,7 @@ class OracleDispatch:
 
 
 def kept_ids(idx_row: list[int], num_experts: int) -> tuple[list[int], int, int]:
-    """SPEC section 6 for one token: ids kept per slot (-1 if dropped), invalid and repeated counts."""
+    """docs/SPEC.md section 6 for one token: ids kept per slot (-1 if dropped), invalid and repeated counts."""
     kept, seen, invalid, repeated = [], set(), 0, 0
     for e in idx_row:
         if e < -1 or e >= num_experts:

@@ -25,8 +25,23 @@ def test_library_loads_and_matches_python_layout():
     lib = library_or_skip()
     assert lib.hep_api_version() == _native.API_VERSION
     assert lib.version
-    assert ctypes.sizeof(_native.ErrorBlock) == 32 == 4 * ERROR_BLOCK_WORDS
+    assert ctypes.sizeof(_native.ErrorBlock) == 36 == 4 * ERROR_BLOCK_WORDS
     assert lib.hep_status_string(1).decode() == "invalid argument"
+
+
+def test_error_block_header_matches_python():
+    """errors.py mirrors error_block.h: the kinds, their numbers, the block's words
+    (checked from the header's text, so it runs without the compiled library)."""
+    import re
+    from pathlib import Path
+
+    header = (Path(__file__).resolve().parent.parent / "csrc" / "include" / "hybrid_ep_infer" /
+              "error_block.h").read_text()
+    kinds = {name: int(value) for name, value in re.findall(r"HEP_ERROR_([A-Z_]+) = (\d+)", header)}
+    assert kinds.pop("NUM_KINDS") == len(ErrorKind)
+    assert kinds == {kind.name: kind.value for kind in ErrorKind}
+    words = re.search(r"static_assert\(sizeof\(hep_error_block_t\) == (\d+)", header).group(1)
+    assert int(words) == 4 * ERROR_BLOCK_WORDS
 
 
 def test_context_without_gpu_is_a_clear_error():

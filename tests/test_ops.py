@@ -1,6 +1,6 @@
 """Custom ops on the reference backend (CPU): opcheck, torch.compile(fullgraph=True) of
-two MoE layers sharing one buffer (equal to eager, ops kept in program order), and
-the per-call overhead of the op path."""
+two MoE layers sharing one buffer (equal to eager, ops kept in program order), a stale
+combine (zeros, counted), and the per-call overhead of the op path."""
 
 import time
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dist_utils import spawn
-from hybrid_ep_infer import EPBuffer, ops
+from hybrid_ep_infer import EPBuffer, ErrorKind, RoutingDataError, ops
 
 H, T, E, K = 128, 16, 8, 2
 
@@ -72,6 +72,60 @@ def test_ops_match_the_eager_api(one_rank_group):
         assert torch.equal(got.view(torch.int16), want.view(torch.int16))
         with pytest.raises(ValueError, match="rows"):
             ops.combine(buf, got_d.hidden.clone(), got_d, idx, out=torch.empty(T - 1, H, dtype=torch.bfloat16))
+
+
+def check_stale_combine(rank: int = 0) -> None:
+    """The misuse: a combine for an older dispatch, after a newer one. Its routing differs
+    from the latest dispatch's, so it is stale: zeros, one STALE_COMBINE count, raised by
+    check_errors(). Routing with the same ids after sanitizing (a copy, another dtype, other
+    invalid ids) is not stale."""
+    with make_buffer() as buf:
+        x, logits_a = routing(20 + rank)
+        _, logits_b = routing(40 + rank)
+        weights_a, idx_a = logits_a.topk(K)
+        weights_b, idx_b = logits_b.topk(K)
+        idx_a[0, 0] = E  # invalid: dropped and counted
+        d_a = ops.dispatch(buf, x, idx_a, weights_a)
+        y_a = d_a.hidden.clone()
+        want = ops.combine(buf, y_a, d_a, idx_a).clone()
+        same_ids = idx_a.to(torch.int32)  # another tensor and dtype, the same routing ...
+        same_ids[0, 0] = 5 * E  # ... after sanitizing: one invalid id for another
+        again = ops.combine(buf, y_a, d_a, same_ids)
+        assert torch.equal(again.view(torch.int16), want.view(torch.int16))
+        with pytest.raises(RoutingDataError) as error:
+            buf.check_errors()
+        assert error.value.counts == {ErrorKind.INVALID_EXPERT_ID: 1}
+
+        ops.dispatch(buf, x, idx_b, weights_b)
+        stale = ops.combine(buf, y_a, d_a, idx_a)
+        assert torch.equal(stale, torch.zeros_like(stale)), "a stale combine must write zeros"
+        with pytest.raises(RoutingDataError, match="stale combine") as error:
+            buf.check_errors()
+        assert error.value.counts == {ErrorKind.STALE_COMBINE: 1}
+
+        d_b = ops.dispatch(buf, x, idx_b, weights_b)  # the buffer works on
+        assert torch.equal(ops.combine(buf, d_b.hidden.clone(), d_b, idx_b).view(torch.int16),
+                           buf.combine(d_b.hidden.clone(), buf._latest).view(torch.int16))
+        buf.check_errors()
+
+    with make_buffer(debug=True) as buf:  # debug: raised by the call itself
+        d_b = ops.dispatch(buf, x, idx_b, weights_b)
+        ops.dispatch(buf, x, logits_a.topk(K)[1], weights_a)
+        with pytest.raises(RoutingDataError, match="stale combine"):
+            ops.combine(buf, d_b.hidden.clone(), d_b, idx_b)
+
+
+def test_stale_combine_is_zero_and_counted(one_rank_group):
+    check_stale_combine()
+
+
+def stale_combine_worker(rank: int, world_size: int) -> None:
+    check_stale_combine(rank)
+
+
+def test_stale_combine_two_ranks():
+    """Every rank still takes part in the exchange: no rank waits forever."""
+    spawn(2, stale_combine_worker)
 
 
 def op_order(graph: torch.fx.Graph) -> list[str]:

@@ -33,3 +33,25 @@ def test_readme_example_runs(tmp_path, section_title):
     assert FINISHED in done.stdout, done.stderr
     exit_abort = done.returncode == -6 and done.stderr.strip() == TEARDOWN_ABORT
     assert done.returncode == 0 or exit_abort, done.stderr
+
+
+def _normalized(command: str) -> str:
+    """A pip or pytest command without what does not change what it installs or runs."""
+    command = re.sub(r"^python3? -m ", "", command.strip())
+    command = re.sub(r" -q\b| --timeout \d+| --retries \d+", "", command)
+    return " ".join(command.split())
+
+
+def test_ci_runs_the_readme_commands():
+    """.ci/run installs and tests with the README's commands (Install, vLLM on CPUs, Test)."""
+    ci = (README.parent / ".ci" / "run").read_text()
+    readme_commands = set()
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            readme_commands.add(_normalized(line.split("  #")[0].split(" # ")[0]))
+    ci_commands = [_normalized(line.split(" # ")[0]) for line in ci.splitlines()
+                   if re.match(r"\s*python3? -m (pip (install|uninstall)|pytest)", line)]
+    ci_commands = [c for c in ci_commands if c != "pip install --upgrade pip"]
+    assert len(ci_commands) >= 4, ci_commands
+    missing = [c for c in ci_commands if c not in readme_commands]
+    assert not missing, f".ci/run runs commands the README does not give: {missing}"

@@ -39,14 +39,34 @@ os.environ.pop(plugin.ENV_FLAG, None)
 plugin.register()
 assert all2all_utils.maybe_make_prepare_finalize is original, "inert without the flag"
 
+import logging
+class Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+lines = Lines()
+logging.getLogger("vllm").addHandler(lines)  # where vLLM's servers put their handler,
+logging.getLogger("vllm").setLevel(logging.INFO)  # and their level
+
 os.environ[plugin.ENV_FLAG] = "1"
 real_version, vllm.__version__ = vllm.__version__, "0.31.2"
 plugin.register()
 assert all2all_utils.maybe_make_prepare_finalize is original, "inert on an unsupported version"
+assert any("supports vLLM 0.32-0.33, found 0.31.2" in line for line in lines.lines), lines.lines
+os.environ[plugin.ENV_FLAG] = "strict"
+try:
+    plugin.register()
+    raise AssertionError("strict: an unsupported version must raise")
+except RuntimeError as e:
+    assert "0.31.2" in str(e)
+assert all2all_utils.maybe_make_prepare_finalize is original
 vllm.__version__ = real_version
 
 plugin.register()
 patched = all2all_utils.maybe_make_prepare_finalize
+assert any("use hybrid_ep_infer" in line for line in lines.lines), "the plugin says it is on, in vLLM's log"
 assert patched is not original and unquantized.maybe_make_prepare_finalize is patched
 plugin.register()
 assert all2all_utils.maybe_make_prepare_finalize is patched, "registering twice wraps once"

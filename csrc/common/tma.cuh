@@ -47,7 +47,7 @@ __device__ __forceinline__ bool mbarrier_try_wait(uint64_t* bar, uint32_t parity
   return done != 0;
 }
 
-// Bounded (SPEC section 6): a load that never completes ends like a peer timeout.
+// Bounded (docs/SPEC.md section 6): a load that never completes ends like a peer timeout.
 __device__ __forceinline__ bool mbarrier_wait(uint64_t* bar, uint32_t parity, const WaitContext& w, uint32_t phase,
                                               uint32_t peer) {
   if (mbarrier_try_wait(bar, parity)) return true;

@@ -1,4 +1,4 @@
-// Bounded waits on peer counters (SPEC section 6). A wait never spins forever: after
+// Bounded waits on peer counters (docs/SPEC.md section 6). A wait never spins forever: after
 // timeout_ns it records the phase and the peer in the error block, once per buffer,
 // and returns false so the kernel can exit. Once any wait of the buffer has timed
 // out, every later wait returns false at once: the ranks are out of step for good,

@@ -5,6 +5,7 @@
 #include "common/ptx.cuh"
 #include "common/wait.cuh"
 #include "kernels/combine.cuh"
+#include "kernels/dispatch.cuh"
 
 namespace hep {
 namespace {
@@ -148,6 +149,43 @@ __device__ void reduce_tokens(const CombineParams& p, uint64_t combine, int warp
   }
 }
 
+// The stale-combine check for token t of this rank (every lane calls it): its row of
+// p.topk_idx, sanitized by the rule of routing_rules.cuh (lane k holds slot k: ids
+// outside [0, E) and repeats of a lower slot's id become -1), against `published`, the
+// ids the latest dispatch published for this rank. True if any slot differs.
+__device__ __forceinline__ bool routing_differs(const CombineParams& p, const int32_t* published, int t, int lane) {
+  const int K = p.sizes.top_k;
+  int64_t id = -1;
+  if (lane < K) {
+    const int64_t at_k = (int64_t)t * K + lane;
+    id = p.idx_is_int64 ? static_cast<const int64_t*>(p.topk_idx)[at_k]
+                        : static_cast<int64_t>(static_cast<const int32_t*>(p.topk_idx)[at_k]);
+  }
+  const bool valid = lane < K && id >= 0 && id < p.sizes.num_experts;
+  // Lanes without a valid id get keys no other lane has; a valid id is kept in the
+  // lowest lane holding it.
+  const unsigned long long key = valid ? static_cast<unsigned long long>(id) : (1ull << 63) | lane;
+  const uint32_t same = __match_any_sync(0xffffffffu, key);
+  const int32_t kept = valid && (same & ((1u << lane) - 1)) == 0 ? static_cast<int32_t>(id) : -1;
+  return __any_sync(0xffffffffu, lane < K && kept != published[(int64_t)t * K + lane]);
+}
+
+// The stale-combine check over the gather warp's tokens t < n (t = warp, warp + warps, ...),
+// before its sums; out of line, so that the sums keep their registers. Sets combine_stale
+// on the first difference.
+__device__ __noinline__ void check_routing(const CombineParams& p, int n, int warp, int warps, int lane) {
+  const Sizes& s = p.sizes;
+  // This rank's routing as the latest dispatch (the epoch it ended with) published it.
+  const int dispatch_parity = static_cast<int>(*at<const uint64_t>(p.local, p.off.epoch) & 1);
+  const int32_t* published = routing_slot(p.local, s, p.off, dispatch_parity, s.rank).ids;
+  for (int t = warp; t < min(n, p.num_rows); t += warps) {
+    if (routing_differs(p, published, t, lane)) {
+      if (lane == 0) atomicExch(at<uint32_t>(p.local, p.off.combine_stale), 1u);  // read by the last block
+      return;
+    }
+  }
+}
+
 // Gather role. Tokens t = warp, warp + warps, ... of this rank: once the chunk of t from
 // every destination with rows of t is here, their sum in ascending destination rank (ranks
 // without rows of t wrote none: skipping them equals adding +0.0). Returns false if a
@@ -162,6 +200,7 @@ __device__ bool gather_tokens(const CombineParams& p, uint64_t combine, int warp
   const int vectors = s.hidden / 8;
   __shared__ const int4* warp_terms[kWarps][kMaxRanks];
   const int4** terms = warp_terms[threadIdx.x / 32];
+  if (p.topk_idx != nullptr) check_routing(p, n, warp, warps, lane);
 
   for (int t = warp; t < p.num_rows; t += warps) {
     int count = 0;
@@ -219,6 +258,19 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const __grid_constant
     }
   }
   __syncthreads();
+  if (last_block && p.topk_idx != nullptr) {  // the stale-combine check's verdict (combine.cuh)
+    __shared__ bool stale;
+    if (threadIdx.x == 0) {
+      __threadfence();  // every block's combine_stale store came before its count above
+      stale = atomicExch(at<uint32_t>(p.local, p.off.combine_stale), 0u) != 0;
+      if (stale) atomicAdd_system(&p.errors->counts[HEP_ERROR_STALE_COMBINE], 1u);
+    }
+    __syncthreads();
+    if (stale) {  // after every block's writes of the output (they came before their counts)
+      int4* out = static_cast<int4*>(p.out);
+      for (int64_t i = threadIdx.x; i < (int64_t)p.num_rows * s.hidden / 8; i += blockDim.x) out[i] = make_int4(0, 0, 0, 0);
+    }
+  }
   if (last_block && threadIdx.x < W && !timed_out_before(wait_context(p))) {
     ptx::fence_acq_rel_sys();
     ptx::st_release_sys(at<uint64_t>(p.peers[threadIdx.x], p.off.combine_done) + s.rank, combine);

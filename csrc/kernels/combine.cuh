@@ -1,4 +1,4 @@
-// Combine with fused unpermute (SPEC section 4): one kernel, two warp roles.
+// Combine with fused unpermute (docs/SPEC.md section 4): one kernel, two warp roles.
 //
 //   reduce   on each destination, per received token: the fp32 sum over ascending k
 //            of fp32(w * y) (or fp32(y)), separate multiply and add, rounded once to
@@ -14,6 +14,11 @@
 // between two halves by combine parity, and a destination writes a half only after
 // the source said it finished the combine that last read it (combine_done), so any
 // number of combines may follow one dispatch.
+//
+// Stale-combine check (topk_idx given): each gather warp also compares its token's
+// routing, sanitized, with what the latest dispatch published for it; a difference
+// sets combine_stale, and the last block then overwrites the whole output with +0.0
+// and counts HEP_ERROR_STALE_COMBINE once. Partials are sent as usual.
 #pragma once
 
 #include <cstdint>
@@ -40,6 +45,8 @@ struct CombineParams {
   void* out;            // [num_rows, H] bf16
   int32_t num_rows;     // m of the matching dispatch
   bool weighted;
+  const void* topk_idx;  // [num_rows, K] routing to check against the latest dispatch's, or nullptr
+  bool idx_is_int64;
 };
 
 cudaError_t launch_combine(const CombineParams& params, cudaStream_t stream);

@@ -1,4 +1,4 @@
-// Dispatch with fused permute (SPEC sections 2-3): four kernels on one stream.
+// Dispatch with fused permute (docs/SPEC.md sections 2-3): four kernels on one stream.
 //
 //   1. publish   every rank sanitizes its routing and writes it, with n and the
 //                weights, into every peer's routing slot; then bumps that peer's

@@ -94,7 +94,7 @@ constexpr int kScanBatch = 8;  // ids a thread loads before using them
 //      slot's rank is then its warp's running count + the lanes below it in the mask,
 //      and the lowest lane of each mask adds the tile to the count and clears the mask.
 // The rank of a row is its token's order among the source's tokens with that expert
-// (SPEC section 3). Needed are this rank's tokens x every expert and every source x the
+// (docs/SPEC.md section 3). Needed are this rank's tokens x every expert and every source x the
 // local experts; the kernel writes every slot's rank (the rest go unread).
 __device__ void scan_source(const DispatchParams& p, int parity, int source, int32_t* counts, uint32_t* masks) {
   const Sizes& s = p.sizes;
@@ -217,7 +217,7 @@ constexpr int kPlaceBatch = 8;  // routing slots of a token whose loads are issu
 
 // What every block of place needs from the histogram, in shared memory:
 //   written [W*L]      rows written per (destination, local expert) (capacity applied in
-//                      expert order, SPEC section 3)
+//                      expert order, docs/SPEC.md section 3)
 //   offsets [W*(L+1)]  first row of each of them (contiguous layout)
 //   before_here [W*L]  rows of this rank's local expert e from sources before src
 //   before_mine [E]    rows of expert g from sources before this rank

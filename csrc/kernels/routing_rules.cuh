@@ -1,4 +1,4 @@
-// SPEC section 6 for one token row, shared by the validation kernel and dispatch:
+// docs/SPEC.md section 6 for one token row, shared by the validation kernel and dispatch:
 // ids outside [-1, E) and repeats of an earlier id in the row become -1 and are
 // counted; the first occurrence of an id is kept.
 #pragma once

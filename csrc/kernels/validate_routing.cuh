@@ -1,4 +1,4 @@
-// Routing validation (SPEC section 6): the first kernel of every dispatch, also
+// Routing validation (docs/SPEC.md section 6): the first kernel of every dispatch, also
 // callable on its own. Torch-free launcher that returns a CUDA error code.
 #pragma once
 

@@ -11,13 +11,13 @@ The SPEC's payloads are bf16/FP8 and its combine rounds to bf16, so a float32 mo
   pieces and combining each piece is *not* enough: ``combine(hi)`` would already carry
   bf16 rounding error of the sum. Instead combine is used as an exact *gather*: the
   dispatched "weights" are the top-k slot numbers, so each row knows its slot k; the
-  expert output y of a row is split exactly into three bf16 pieces
-  (``hi = bf16(y)``, ``mid = bf16(y - hi)``, ``lo = bf16(y - hi - mid)``;
-  ``hi + mid + lo == y`` in fp32), and piece p of slot k goes to column block ``3k + p``
-  of an unweighted combine, zeros elsewhere. For every (token, column) at most one row
-  in the whole group is non-zero, so every fp32 sum and bf16 rounding inside combine is
-  exact. The source then has each slot's fp32 expert output and applies the routing
-  weights and the top-k sum in fp32 itself (ascending k).
+  expert output y of a row is split exactly into three bf16 pieces (its significant
+  bits 8 at a time, :func:`split3`; ``(hi + mid) + lo == y`` in fp32), and piece p of
+  slot k goes to column block ``3k + p`` of an unweighted combine, zeros elsewhere.
+  For every (token, column) at most one row in the whole group is non-zero, so every
+  fp32 sum and bf16 rounding inside combine is exact. The source then has each slot's
+  fp32 expert output and applies the routing weights and the top-k sum in fp32 itself
+  (ascending k).
 
 Cost: dispatch moves 2x the bytes of bf16; the 3K column blocks take ``ceil(3K/2)``
 combines of width 2H, i.e. about 3K times the bytes of one bf16 combine (6x for top-2,
@@ -28,6 +28,8 @@ checks (fp32 end-to-end comparisons), not for speed. No host sync: CUDA-graph sa
 from __future__ import annotations
 
 import torch
+
+from hybrid_ep_infer import ops
 
 PIECES = 3  # bf16 pieces of one fp32 value
 
@@ -55,23 +57,35 @@ def row_slots(row_expert: torch.Tensor, dispatched: torch.Tensor, top_k: int) ->
 def split3(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Three bf16 tensors whose fp32 sum ``(hi + mid) + lo`` is exactly ``y``.
 
-    Exact for ``2**-110 <= |y| <= 3.38e38``, and for 0; below, the last piece may fall
-    under bf16's smallest subnormal (error at most ``2**-133``); above, ``hi`` overflows.
+    ``hi`` is ``y`` cut to its top 8 significant bits (the low 16 bits of the fp32
+    cleared), ``mid`` the same of the rest, ``lo`` what is left. Every piece is a bf16
+    value before it is converted, so no rounding is involved: a compiler that keeps
+    ``y.to(bf16).float()`` in fp32 (inductor does unless it emulates precision casts)
+    cannot change the pieces. Exact for ``|y| >= 2**-110`` (finite) and for 0; below,
+    the last piece may fall under bf16's smallest subnormal (error at most ``2**-133``).
     """
-    hi = y.to(torch.bfloat16)
-    rest = y - hi.float()  # exact: the rounding error of hi, at most 16 significant bits
-    mid = rest.to(torch.bfloat16)
-    lo = (rest - mid.float()).to(torch.bfloat16)  # the last <= 8 bits: exact in bf16
-    return hi, mid, lo
+    hi = _top_bits(y)
+    rest = y - hi  # exact: the low 16 bits of y
+    mid = _top_bits(rest)
+    lo = rest - mid  # exact: at most 8 significant bits
+    return hi.to(torch.bfloat16), mid.to(torch.bfloat16), lo.to(torch.bfloat16)
 
 
-def gather_slots(buffer, handle, y: torch.Tensor, slots: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Every (token, slot)'s expert output, bit-exact, through unweighted combines.
+def _top_bits(v: torch.Tensor) -> torch.Tensor:
+    """fp32 ``v`` with the low 16 bits of each value cleared: exactly a bf16 value."""
+    return (v.float().view(torch.int32) & -65536).view(torch.float32)
+
+
+def gather_slots(buffer, dispatched, topk_idx: torch.Tensor, y: torch.Tensor, slots: torch.Tensor,
+                 top_k: int) -> torch.Tensor:
+    """Every (token, slot)'s expert output, bit-exact, through unweighted combines (the
+    custom op ``hybrid_ep_infer.ops.combine``, so this traces and compiles).
 
     Args:
         buffer: the bf16 EPBuffer (hidden 2H) of the matching dispatch; calls are
             collectives, and every rank makes the same ``ceil(3K/2)`` combines.
-        handle: that dispatch's handle.
+        dispatched: what ``hybrid_ep_infer.ops.dispatch`` returned for that dispatch.
+        topk_idx: the ``[m, K]`` routing it was given.
         y: ``[*R, H]`` fp32 expert output per dispatched row (``[R]`` contiguous layout,
             ``[L, cap_e]`` batched).
         slots: ``[*R]`` int64 from :func:`row_slots`.
@@ -94,7 +108,7 @@ def gather_slots(buffer, handle, y: torch.Tensor, slots: torch.Tensor, top_k: in
             else:  # filler after the last block
                 columns.append(zero.expand_as(pieces[0]))
         # At most one non-zero row per (token, column) in the group: combine only adds zeros.
-        out = buffer.combine(torch.cat(columns, dim=-1), handle, weighted=False)
+        out = ops.combine(buffer, torch.cat(columns, dim=-1), dispatched, topk_idx, weighted=False)
         gathered.append(out.float())  # a copy: ``out`` is buffer memory reused by the next combine
     parts = torch.cat(gathered, dim=1)[:, : blocks * H].view(-1, top_k, PIECES, H)
     return (parts[:, :, 0] + parts[:, :, 1]) + parts[:, :, 2]

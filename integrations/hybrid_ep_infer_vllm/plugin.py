@@ -1,9 +1,15 @@
 """vLLM plugin: expert-parallel MoE layers dispatch and combine through hybrid_ep_infer.
 
 Registered as a ``vllm.general_plugins`` entry point (pyproject.toml), so vLLM calls
-:func:`register` in each of its processes. It does nothing unless
-``HYBRID_EP_INFER_VLLM=1`` is set, and leaves vLLM untouched (with a warning) outside the
-supported versions (0.32, 0.33).
+:func:`register` in each of its processes. ``HYBRID_EP_INFER_VLLM`` turns it on:
+
+* unset or ``0``: it does nothing;
+* ``1``: on; outside the supported vLLM versions (0.32, 0.33) it leaves vLLM untouched,
+  with a warning;
+* ``strict``: on, and an unsupported vLLM version is an error (start-up fails) instead.
+
+Its messages go through vLLM's logging (the ``vllm.hybrid_ep_infer`` logger), so they
+appear in vLLM's log like vLLM's own: one line per process when it is installed.
 
 vLLM has no registry of all-to-all backends: ``maybe_make_prepare_finalize`` (in
 ``fused_moe/all2all_utils.py``) is imported by name in about a dozen modules. The plugin
@@ -30,23 +36,32 @@ import sys
 import torch
 
 ENV_FLAG = "HYBRID_EP_INFER_VLLM"
+ON, STRICT = "1", "strict"  # the values of ENV_FLAG that turn the plugin on
 SUPPORTED_VERSIONS = ((0, 32), (0, 33))
 _MARK = "__hybrid_ep_infer__"
 
-logger = logging.getLogger(__name__)
+# A child of vLLM's "vllm" logger, which vLLM gives a handler and level INFO: a logger
+# outside it has no handler in vLLM's processes, and its INFO lines are lost.
+logger = logging.getLogger("vllm.hybrid_ep_infer")
 _buffers: dict[tuple, object] = {}  # (hidden, payload dtype, layout, max_tokens, experts, top_k) -> EPBuffer
 
 
 def register() -> None:
     """The entry point vLLM calls; re-entrant."""
-    if os.environ.get(ENV_FLAG, "0") != "1":
+    mode = os.environ.get(ENV_FLAG, "0")
+    if mode not in (ON, STRICT):
+        if mode not in ("", "0"):
+            logger.warning("%s=%r is not one of 0, %s, %s: hybrid_ep_infer_vllm stays off", ENV_FLAG, mode, ON,
+                           STRICT)
         return
     import vllm
 
     version = _version_tuple(vllm.__version__)
     if version[:2] not in SUPPORTED_VERSIONS:
-        logger.warning("hybrid_ep_infer_vllm supports vLLM 0.32-0.33, found %s: leaving vLLM untouched",
-                       vllm.__version__)
+        message = f"hybrid_ep_infer_vllm supports vLLM 0.32-0.33, found {vllm.__version__}"
+        if mode == STRICT:
+            raise RuntimeError(f"{message} ({ENV_FLAG}={STRICT})")
+        logger.warning("%s: leaving vLLM untouched (%s=%s makes this an error)", message, ENV_FLAG, STRICT)
         return
     from vllm.model_executor.layers.fused_moe import all2all_utils
 
@@ -54,7 +69,8 @@ def register() -> None:
     if getattr(original, _MARK, False):
         return
     _rebind(original, _wrap(original))
-    logger.info("hybrid_ep_infer_vllm: expert-parallel MoE layers use hybrid_ep_infer")
+    logger.info("hybrid_ep_infer_vllm: expert-parallel MoE layers on the all-gather/reduce-scatter path use "
+                "hybrid_ep_infer (vLLM %s)", vllm.__version__)
 
 
 def takes_over(moe, quant_config, routing_tables=None, allow_new_interface=False, use_monolithic=False) -> bool:

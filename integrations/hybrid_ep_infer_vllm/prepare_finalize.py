@@ -1,9 +1,13 @@
 """vLLM modular-MoE prepare/finalize on an :class:`hybrid_ep_infer.EPBuffer`.
 
 ``prepare`` dispatches, ``finalize`` combines with the routing weights, applied with the
-SPEC's fixed-order arithmetic (``output_is_reduced`` is True). No host sync on the CUDA
-backend, so vLLM can capture the layer in its CUDA graphs; every replay dispatches fresh
-routing. The buffer's layout gives the activation format:
+SPEC's fixed-order arithmetic (``output_is_reduced`` is True). Both go through the custom
+ops (``hybrid_ep_infer.ops``), so the layer can be traced and compiled: where vLLM
+compiles the MoE forward itself (on CPUs it calls it directly, so Dynamo traces
+prepare/finalize), the ops' bodies, with their checks and the reference backend's host
+reads, stay out of the graph, and nothing here reads a tensor on the host. No host sync
+on the CUDA backend, so vLLM can capture the layer in its CUDA graphs; every replay
+dispatches fresh routing. The buffer's layout gives the activation format:
 
 * **Standard** (contiguous buffer): the expert-major rows ``[R, H]`` (one row per valid
   (token, expert) pair, plus padding), one expert id per row and all-ones weights, so
@@ -41,7 +45,8 @@ from typing import Callable, NamedTuple
 import torch
 from vllm.model_executor.layers.fused_moe import modular_kernel as mk
 
-from hybrid_ep_infer import EPBuffer
+from hybrid_ep_infer import EPBuffer, ops
+from hybrid_ep_infer.buffer import DispatchResult
 
 from . import exact_fp32, fp8_input
 
@@ -56,7 +61,8 @@ BEFORE_DISPATCH, AFTER_DISPATCH = "before dispatch", "after dispatch"
 class _Pending(NamedTuple):
     """What finalize needs from the matching prepare."""
 
-    handle: object
+    dispatched: DispatchResult  # from ops.dispatch: the buffer's outputs
+    topk_ids: torch.Tensor  # the routing dispatched, which the combine op is given too
     weights_on_input: bool
     top_k: int
     weights: torch.Tensor | None = None  # float32 path: [m, K] routing weights, applied in finalize
@@ -64,7 +70,7 @@ class _Pending(NamedTuple):
 
 
 class HybridEPPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
-    """Prepare = :meth:`EPBuffer.dispatch`; finalize = :meth:`EPBuffer.combine`.
+    """Prepare = :func:`hybrid_ep_infer.ops.dispatch`; finalize = :func:`hybrid_ep_infer.ops.combine`.
 
     One buffer may serve every MoE layer of a model with the same (hidden, dtype, layout,
     max tokens): layers run one after another, and each finalize consumes the dispatch of
@@ -175,17 +181,17 @@ class HybridEPPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         top_k = topk_ids.shape[1]
         if self.activation_dtype == torch.float32:
             # Raw fp32 bytes as bf16 pairs; the dispatched "weights" are slot numbers (exact_fp32).
-            result = self.buffer.dispatch(a1.view(torch.bfloat16), topk_ids,
-                                          exact_fp32.slot_numbers(a1.shape[0], top_k, a1.device))
+            result = ops.dispatch(self.buffer, a1.view(torch.bfloat16), topk_ids,
+                                  exact_fp32.slot_numbers(a1.shape[0], top_k, a1.device))
             hidden, scales = result.hidden.view(torch.float32), None
             weights = None if apply_router_weight_on_input else topk_weights.float()
             slots = exact_fp32.row_slots(result.row_expert, result.weights, top_k)
-            self._pending = _Pending(result.handle, apply_router_weight_on_input, top_k, weights, slots)
+            self._pending = _Pending(result, topk_ids, apply_router_weight_on_input, top_k, weights, slots)
         else:
             x, x_scales = fp8_input.quantize(a1) if quantize == BEFORE_DISPATCH else (a1, None)
-            result = self.buffer.dispatch(x, topk_ids, topk_weights.float().contiguous(), scales=x_scales)
+            result = ops.dispatch(self.buffer, x, topk_ids, topk_weights.float().contiguous(), scales=x_scales)
             hidden, scales = result.hidden, result.scales
-            self._pending = _Pending(result.handle, apply_router_weight_on_input, top_k)
+            self._pending = _Pending(result, topk_ids, apply_router_weight_on_input, top_k)
         if quantize == AFTER_DISPATCH:  # per-row groups: the same bits as quantizing before
             hidden, scales = fp8_input.quantize(hidden)
         meta = mk.ExpertTokensMetadata(expert_num_tokens=result.tokens_per_expert, expert_num_tokens_cpu=None)
@@ -230,12 +236,14 @@ class HybridEPPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         # sum are ours, whatever weight_and_reduce_impl is.
         y = fused_expert_output.reshape(*self.buffer.config.row_shape, self.hidden)
         if self.activation_dtype == torch.float32:
-            rows = exact_fp32.gather_slots(self.buffer, pending.handle, y.float(), pending.slots, pending.top_k)
+            rows = exact_fp32.gather_slots(self.buffer, pending.dispatched, pending.topk_ids, y.float(),
+                                           pending.slots, pending.top_k)
             output.copy_(exact_fp32.weighted_sum(rows, pending.weights))
             return
         if y.dtype != torch.bfloat16 or not y.is_contiguous():
             y = y.to(torch.bfloat16).contiguous()
-        self.buffer.combine(y, pending.handle, out=output, weighted=not pending.weights_on_input)
+        ops.combine(self.buffer, y, pending.dispatched, pending.topk_ids, out=output,
+                    weighted=not pending.weights_on_input)
 
 
 def experts_use_expert_map(fused_experts) -> bool:

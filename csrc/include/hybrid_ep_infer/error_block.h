@@ -1,5 +1,5 @@
 /*
- * The sticky error block (SPEC section 6), one per context, in host-mapped memory.
+ * The sticky error block (docs/SPEC.md section 6), one per context, in host-mapped memory.
  *
  * Kernels never fail loudly on bad data: they drop the offending item and add one
  * to its counter here with a system-scope atomic. The host reads the block without
@@ -18,7 +18,8 @@ enum hep_error_kind {
   HEP_ERROR_BAD_NUM_TOKENS = 2,     /* device num_tokens outside [0, m]: the rank sent nothing */
   HEP_ERROR_CAPACITY_OVERFLOW = 3,  /* a row landed at or past capacity: not written */
   HEP_ERROR_TIMEOUT = 4,            /* a bounded wait expired; see timeout_phase / timeout_peer */
-  HEP_ERROR_NUM_KINDS = 5,
+  HEP_ERROR_STALE_COMBINE = 5,      /* combine routing != the latest dispatch's: output zeroed */
+  HEP_ERROR_NUM_KINDS = 6,
 };
 
 typedef struct hep_error_block {
@@ -29,7 +30,7 @@ typedef struct hep_error_block {
 } hep_error_block_t;
 
 #ifdef __cplusplus
-static_assert(sizeof(hep_error_block_t) == 32, "Python mirrors this layout: 8 x uint32");
+static_assert(sizeof(hep_error_block_t) == 36, "Python mirrors this layout: 9 x uint32");
 #endif
 
 #endif /* HYBRID_EP_INFER_ERROR_BLOCK_H_ */

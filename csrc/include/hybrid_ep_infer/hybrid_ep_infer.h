@@ -29,7 +29,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct or signature below changes; Python checks it at load. */
-#define HEP_API_VERSION 3
+#define HEP_API_VERSION 4
 
 typedef enum hep_status {
   HEP_SUCCESS = 0,
@@ -72,7 +72,7 @@ typedef enum hep_layout {
   HEP_LAYOUT_BATCHED = 1,    /* hidden [L, capacity, H] */
 } hep_layout_t;
 
-/* Everything a buffer is built for (SPEC section 1). Versioned like the context config. */
+/* Everything a buffer is built for (docs/SPEC.md section 1). Versioned like the context config. */
 typedef struct hep_buffer_desc {
   size_t size;
   uint32_t version;
@@ -122,6 +122,13 @@ typedef struct hep_combine_args {
   void* out;         /* [num_rows, H] bf16, contiguous */
   int32_t num_rows;  /* m of the matching dispatch */
   int32_t weighted;  /* multiply each row by its dispatched weight */
+  /* The stale-combine check (optional; NULL: none): the routing [num_rows, K] of the
+   * dispatch this combine is for. Its rows t < n, sanitized as dispatch does, must equal
+   * those of the latest hep_dispatch on this context; if any differ, this rank's output
+   * is all +0.0 and HEP_ERROR_STALE_COMBINE is counted once. The exchange runs as usual
+   * either way (it is a collective). */
+  const void* topk_idx;
+  hep_index_dtype_t idx_dtype;
 } hep_combine_args_t;
 
 /* How the two copy kernels divide their work. Never changes results, but the chunk
@@ -170,17 +177,18 @@ HEP_API hep_status_t hep_context_attach(hep_context_t* context, const hep_buffer
 HEP_API hep_status_t hep_context_set_tuning(hep_context_t* context, const hep_tuning_t* tuning);
 HEP_API hep_status_t hep_context_get_tuning(hep_context_t* context, hep_tuning_t* out);
 
-/* SPEC sections 2-3 on the device: routing exchange, placement, payload transfer and
+/* docs/SPEC.md sections 2-3 on the device: routing exchange, placement, payload transfer and
  * the per-expert copies, all asynchronous on `stream`; no host sync, no allocation. A
  * collective: every rank calls it in the same order. */
 HEP_API hep_status_t hep_dispatch(hep_context_t* context, const hep_dispatch_args_t* args, uint64_t stream);
 
-/* SPEC section 4 on the device: per-destination partial sums in fixed order, one bf16
+/* docs/SPEC.md section 4 on the device: per-destination partial sums in fixed order, one bf16
  * partial per (token, destination) over NVLink, summed by the source in ascending rank.
- * Uses the plan of the latest hep_dispatch on this context. A collective. */
+ * Uses the plan of the latest hep_dispatch on this context (see the stale-combine
+ * check in hep_combine_args_t). A collective. */
 HEP_API hep_status_t hep_combine(hep_context_t* context, const hep_combine_args_t* args, uint64_t stream);
 
-/* SPEC section 6 routing validation, on the device: writes sanitized_idx with
+/* docs/SPEC.md section 6 routing validation, on the device: writes sanitized_idx with
  * every id that is kept, and -1 for "no expert", ids outside [-1, E), an id
  * repeated within its row (the first occurrence is kept) and every row >= n.
  * Rows >= n of topk_idx are never read. A device n outside [0, m] counts as
