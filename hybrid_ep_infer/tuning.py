@@ -5,7 +5,7 @@ many consecutive tokens share one arrival flag, and whether dispatch moves rows 
 copies or through the bulk copy engine change speed but never results (benchmarks/NOTES.md
 #6-#8: the best choice differs per shape). The tuner times a few
 candidates on synthetic uniform routing of the buffer's own shape and keeps the fastest.
-It is a collective (SPEC section 1): every rank runs the same calls in the same order,
+It is a collective (docs/SPEC.md section 1): every rank runs the same calls in the same order,
 the per-candidate times are gathered, and the choice — the candidate whose slowest rank
 is fastest, computed from the same gathered numbers on every rank, i.e. rank 0's choice —
 is cached in memory per shape, so a second buffer of the same shape skips the timing.

@@ -12,7 +12,7 @@ dispatch. Routing equal after sanitizing (another dtype, other invalid ids, othe
 import pytest
 import torch
 
-from dist_utils import spawn
+from dist_utils import gpu_world_sizes, rank_device, spawn_gpu
 from hybrid_ep_infer import EPBuffer, ErrorKind, RoutingDataError, ops
 
 H, T, E_PER_RANK, K = 1024, 32, 4, 2
@@ -72,7 +72,7 @@ def eager_cases(buf: EPBuffer, x, routing_a, routing_b) -> list[torch.Tensor]:
 
 
 def worker(rank: int, world_size: int) -> None:
-    device = torch.device("cuda", rank)
+    device = rank_device(rank)
     E = E_PER_RANK * world_size
     kw = dict(hidden=H, max_tokens=T, num_experts=E, top_k=K, pad_multiple=8, timeout_s=20.0)
     cud = EPBuffer(backend="cuda", tune=False, **kw)
@@ -132,6 +132,6 @@ def worker(rank: int, world_size: int) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.multigpu(2)
-def test_stale_combine_cuda_matches_reference_and_replays_two_ranks():
-    spawn(2, worker, backend="nccl")
+@pytest.mark.parametrize("world_size", gpu_world_sizes((2,)))
+def test_stale_combine_cuda_matches_reference_and_replays(world_size):
+    spawn_gpu(world_size, worker)
