@@ -36,7 +36,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
 TUNING_FIELDS = ("dispatch_send_warps", "dispatch_chunk_tokens", "dispatch_send_tma", "dispatch_expand_tma",
                  "combine_reduce_warps", "combine_chunk_tokens")
 

@@ -85,7 +85,8 @@ def table(data: dict) -> str:
             f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | {fmt(graph['time_us'], '.0f')} µs "
             f"({fmt(graph['p99_us'], '.0f')}) | {fmt(eager and eager['time_us'], '.0f')} µs | "
             f"{fmt(graph.get('ratio_to_floor'), '.2f')} | {fmt(ag and ag['time_us'], '.0f', ' µs')} | "
-            f"{fmt(a2a and a2a['time_us'], '.0f', ' µs')} | {fmt(graph.get('ratio_to_best_baseline'), '.2f')} | {gbps} |")
+            f"{fmt(a2a and a2a['time_us'], '.0f', ' µs')} | "
+            f"{fmt(graph.get('ratio_to_best_baseline'), '.2f')} | {gbps} |")
     return "\n".join(lines)
 
 

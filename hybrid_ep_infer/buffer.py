@@ -26,10 +26,10 @@ DEFAULT_TIMEOUT_S = 100.0
 _buffer_ids = itertools.count(1)
 # Live buffers by id: how the custom ops (ops.py) reach a buffer without passing a
 # Python object through a traced graph.
-_live_buffers: "weakref.WeakValueDictionary[int, EPBuffer]" = weakref.WeakValueDictionary()
+_live_buffers: weakref.WeakValueDictionary[int, EPBuffer] = weakref.WeakValueDictionary()
 
 
-def live_buffer(buffer_id: int) -> "EPBuffer":
+def live_buffer(buffer_id: int) -> EPBuffer:
     buffer = _live_buffers.get(buffer_id)
     if buffer is None:
         raise ValueError(f"no live EPBuffer has id {buffer_id} (closed or garbage-collected?)")
@@ -313,7 +313,7 @@ class EPBuffer:
             _live_buffers.pop(self._id, None)
             self._backend.close()
 
-    def __enter__(self) -> "EPBuffer":
+    def __enter__(self) -> EPBuffer:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -51,7 +51,7 @@ class BufferConfig:
         layout: str,
         pad_multiple: int,
         capacity: int | None,
-    ) -> "BufferConfig":
+    ) -> BufferConfig:
         for name, value in (("hidden", hidden), ("max_tokens", max_tokens), ("num_experts", num_experts),
                             ("top_k", top_k), ("pad_multiple", pad_multiple)):
             if not isinstance(value, int) or isinstance(value, bool):
@@ -106,28 +106,10 @@ class BufferConfig:
         return (self.num_local_experts, self.capacity)
 
     @property
-    def num_row_slots(self) -> int:
-        n = 1
-        for d in self.row_shape:
-            n *= d
-        return n
-
-    @property
     def expert_range(self) -> tuple[int, int]:
         """Global ids ``[first, last)`` of this rank's experts."""
         L = self.num_local_experts
         return self.rank * L, (self.rank + 1) * L
-
-    def output_nbytes(self) -> int:
-        """Bytes of the dispatch outputs and combine's output (the README's formula)."""
-        rows = self.num_row_slots
-        L = self.num_local_experts
-        total = rows * self.hidden * _itemsize(self.dtype)  # hidden
-        total += rows * self.num_scale_blocks * 4  # scales (FP8)
-        total += rows * 4 * 2  # weights fp32 + row_expert int32
-        total += L * 4 + ((L + 1) * 4 if self.layout == CONTIGUOUS else 0)  # counts, offsets
-        total += self.max_tokens * self.hidden * 2  # combine output, bf16
-        return total
 
 
 def _worst_case_capacity(world_size, max_tokens, top_k, num_local, layout, pad_multiple) -> int:

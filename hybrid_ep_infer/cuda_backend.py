@@ -18,7 +18,6 @@ from .peer_memory import PeerWorkspace
 from .validation import DispatchArgs, DispatchOutputs
 
 
-
 class CudaBackend:
     name = "cuda"
 

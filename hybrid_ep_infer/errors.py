@@ -35,7 +35,8 @@ _DESCRIPTIONS = {
     ErrorKind.INVALID_EXPERT_ID: "expert id outside [-1, {num_experts}) (that slot was dropped)",
     ErrorKind.REPEATED_EXPERT_ID: "expert id repeated within a token's row (the repeat was dropped)",
     ErrorKind.BAD_NUM_TOKENS: "device num_tokens outside [0, m] (that rank sent no tokens)",
-    ErrorKind.CAPACITY_OVERFLOW: "dispatch rows past the buffer's capacity (not written; combine treats them as absent)",
+    ErrorKind.CAPACITY_OVERFLOW: ("dispatch rows past the buffer's capacity (not written; combine treats them as "
+                                  "absent)"),
     ErrorKind.TIMEOUT: "wait for a peer timed out",
     ErrorKind.STALE_COMBINE: ("combine whose topk_idx is not the routing of the latest dispatch on this buffer "
                               "(a stale combine: its output was set to zero)"),
@@ -81,7 +82,7 @@ class ErrorSnapshot:
     timeout_peer: int = 0
 
     @classmethod
-    def from_words(cls, words) -> "ErrorSnapshot":
+    def from_words(cls, words) -> ErrorSnapshot:
         words = [int(w) for w in words]
         if len(words) != ERROR_BLOCK_WORDS:
             raise ValueError(f"error block has {ERROR_BLOCK_WORDS} words, got {len(words)}")

@@ -30,7 +30,6 @@ import torch
 from .buffer import DispatchResult, EPBuffer, live_buffer
 from .validation import DispatchOutputs, check_combine_args, check_dispatch_args
 
-
 try:  # NVTX ranges: the nvtx package if present, else torch's, else none (CPU-only torch)
     import nvtx as _nvtx_package
 

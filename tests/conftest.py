@@ -1,10 +1,4 @@
-import os
-import sys
-
 import pytest
-import torch
-
-sys.path.insert(0, os.path.dirname(__file__))  # tests import their helpers by module name
 
 
 def pytest_collection_modifyitems(config, items):

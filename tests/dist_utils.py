@@ -154,7 +154,8 @@ def launch(world_size: int, worker, *args, backend: str = "gloo", deadline_s: fl
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_raw_entry, args=(r, world_size, port, backend, worker, args)) for r in range(world_size)]
+    procs = [ctx.Process(target=_raw_entry, args=(r, world_size, port, backend, worker, args))
+             for r in range(world_size)]
     for p in procs:
         p.start()
     end = time.monotonic() + deadline_s

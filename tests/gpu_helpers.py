@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from hybrid_ep_infer import EPBuffer
+
 from moe_cases import Case, RankInputs
 
 

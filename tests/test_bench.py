@@ -16,7 +16,8 @@ import pytest
 import hybrid_ep_infer
 from hybrid_ep_infer.bench import cli, report
 
-REQUIRED = {"config", "op", "dtype", "tokens", "ranks", "mode", "time_us", "floor_us", "ratio_to_floor", "impl", "setup"}
+REQUIRED = {"config", "op", "dtype", "tokens", "ranks", "mode", "time_us", "floor_us", "ratio_to_floor", "impl",
+            "setup"}
 ROOT = Path(hybrid_ep_infer.__file__).resolve().parent.parent
 SHARED = "ranks share one GPU under MPS: launch and protocol cost, not NVLink bandwidth"
 
@@ -411,8 +412,10 @@ def test_breakdown_ranks_timeline(capsys):
 
     # Two steps of (publish, scan) on two ranks; rank 1 starts 4 us after rank 0 in step 1
     # and 2 us before it in step 2 (origins 1000 and 1098).
-    rank0 = [(1000.0, 1010.0, "publish"), (1011.0, 1020.0, "scan"), (1100.0, 1108.0, "publish"), (1109.0, 1112.0, "scan")]
-    rank1 = [(1004.0, 1012.0, "publish"), (1013.0, 1021.0, "scan"), (1098.0, 1104.0, "publish"), (1105.0, 1113.0, "scan")]
+    rank0 = [(1000.0, 1010.0, "publish"), (1011.0, 1020.0, "scan"),
+             (1100.0, 1108.0, "publish"), (1109.0, 1112.0, "scan")]
+    rank1 = [(1004.0, 1012.0, "publish"), (1013.0, 1021.0, "scan"),
+             (1098.0, 1104.0, "publish"), (1105.0, 1113.0, "scan")]
     breakdown.print_ranks_timeline([rank0, rank1], 2)
     lines = capsys.readouterr().out.splitlines()
     assert "mean of 2 steps" in lines[0]

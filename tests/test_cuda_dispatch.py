@@ -14,10 +14,18 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_utils import gpu_world_sizes, rank_device, ranks_share_gpus, spawn_gpu, tokens_that_fit
-from gpu_helpers import (assert_dispatch_equal, assert_same_errors, dispatch, make_buffer, max_over_ranks, poison,
-                         to_device)
 from hybrid_ep_infer import BufferClosedError, PeerTimeoutError, mapped_peer_buffers
+
+from dist_utils import gpu_world_sizes, rank_device, ranks_share_gpus, spawn_gpu, tokens_that_fit
+from gpu_helpers import (
+    assert_dispatch_equal,
+    assert_same_errors,
+    dispatch,
+    make_buffer,
+    max_over_ranks,
+    poison,
+    to_device,
+)
 from moe_cases import Case, make_inputs
 
 GPU_ROUTINGS = ("random", "skewed", "masked", "invalid", "repeated", "empty_rank", "ragged")
@@ -194,8 +202,8 @@ def smoke_worker(rank: int, world_size: int) -> None:
     one_block = dataclasses.replace(smoke_cases(world_size)[0], max_tokens=512, routing="skewed", seed=5)
     check_case(rank, one_block, "device", num_sms=1)
     # Many experts: the scan's blocks run fewer warps (their per-expert tables fill shared memory).
-    many_experts = dataclasses.replace(smoke_cases(world_size)[0], hidden=512, num_experts=1024 // world_size * world_size,
-                                       routing="skewed", seed=6)
+    many_experts = dataclasses.replace(smoke_cases(world_size)[0], hidden=512,
+                                       num_experts=1024 // world_size * world_size, routing="skewed", seed=6)
     check_case(rank, many_experts, "int")
     run_graph_replay(rank, world_size, replays=100)
     run_missing_peer(rank, world_size)

@@ -7,8 +7,9 @@ import time
 import pytest
 import torch
 
-from dist_utils import gpu_world_sizes, rank_device, spawn_gpu
 from hybrid_ep_infer import EPBuffer, ops
+
+from dist_utils import gpu_world_sizes, rank_device, spawn_gpu
 
 H, T, E_PER_RANK, K = 2048, 64, 4, 2
 

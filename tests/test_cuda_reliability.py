@@ -23,9 +23,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from hybrid_ep_infer import BufferClosedError, PeerTimeoutError, RoutingDataError, mapped_peer_buffers
+
 from dist_utils import gpu_world_sizes, launch, rank_device, ranks_per_gpu, spawn_gpu
 from gpu_helpers import assert_dispatch_equal, assert_same_errors, make_buffer, poison
-from hybrid_ep_infer import BufferClosedError, PeerTimeoutError, RoutingDataError, mapped_peer_buffers
 from moe_cases import Case
 
 # ---------------------------------------------------------------------------- fuzz

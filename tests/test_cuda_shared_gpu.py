@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from hybrid_ep_infer import mapped_peer_buffers, placement
+
 from dist_utils import gpu_count, gpu_world_sizes, rank_device, spawn_gpu
 from gpu_helpers import make_buffer
-from hybrid_ep_infer import mapped_peer_buffers, placement
 from moe_cases import Case
 
 

@@ -12,8 +12,9 @@ dispatch. Routing equal after sanitizing (another dtype, other invalid ids, othe
 import pytest
 import torch
 
-from dist_utils import gpu_world_sizes, rank_device, spawn_gpu
 from hybrid_ep_infer import EPBuffer, ErrorKind, RoutingDataError, ops
+
+from dist_utils import gpu_world_sizes, rank_device, spawn_gpu
 
 H, T, E_PER_RANK, K = 1024, 32, 4, 2
 

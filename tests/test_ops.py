@@ -7,8 +7,9 @@ import time
 import pytest
 import torch
 
-from dist_utils import spawn
 from hybrid_ep_infer import EPBuffer, ErrorKind, RoutingDataError, ops
+
+from dist_utils import spawn
 
 H, T, E, K = 128, 16, 8, 2
 

@@ -3,9 +3,10 @@ the byte gather used at construction, and how GPU tests decide to skip."""
 
 import pytest
 
+from hybrid_ep_infer import placement
+
 import dist_utils
 from dist_utils import spawn
-from hybrid_ep_infer import placement
 
 
 def test_ranks_go_one_per_gpu_then_round_robin():

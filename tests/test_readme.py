@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import hybrid_ep_infer
+
 from dist_utils import free_port
 
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -132,7 +132,8 @@ def test_independent_of_the_default_dtype(one_rank_group):
     """Engines (vLLM) set torch's default dtype to the model's; nothing may follow it."""
     with make_buffer(pad_multiple=2) as buf:
         r = buf.dispatch(X, IDX, W)
-        want = buf.combine((r.hidden.float() * 1.5).to(torch.bfloat16), r.handle, out=torch.empty(4, 8, dtype=torch.bfloat16))
+        want = buf.combine((r.hidden.float() * 1.5).to(torch.bfloat16), r.handle,
+                           out=torch.empty(4, 8, dtype=torch.bfloat16))
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:

@@ -6,8 +6,9 @@ import random
 
 import torch
 
-from dist_utils import spawn
 from hybrid_ep_infer import EPBuffer, RoutingDataError
+
+from dist_utils import spawn
 from moe_cases import Case, RankInputs, bits_equal, check_dispatch, experts_on_dispatch_output, oracle_combine
 
 CASES = 300
@@ -29,7 +30,7 @@ def random_case(rng: random.Random, world_size: int, seed: int) -> tuple[Case, l
                 pad_multiple=pad, capacity=capacity, idx_dtype=rng.choice([torch.int32, torch.int64]), seed=seed)
     g = torch.Generator().manual_seed(seed)
     inputs = []
-    for s in range(world_size):
+    for _ in range(world_size):
         m = rng.randint(0, T)
         n = rng.choice([m, m, rng.randint(0, m)])
         idx = torch.randint(-1, E, (m, K), generator=g)

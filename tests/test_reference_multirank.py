@@ -12,10 +12,19 @@ import dataclasses
 import pytest
 import torch
 
-from dist_utils import spawn
 from hybrid_ep_infer import EPBuffer, ErrorKind, RoutingDataError
-from moe_cases import (ROUTINGS, Case, bits_equal, check_dispatch, experts_on_dispatch_output, make_inputs,
-                       oracle_combine, source_errors)
+
+from dist_utils import spawn
+from moe_cases import (
+    ROUTINGS,
+    Case,
+    bits_equal,
+    check_dispatch,
+    experts_on_dispatch_output,
+    make_inputs,
+    oracle_combine,
+    source_errors,
+)
 
 
 def cases_for(world_size: int) -> list[Case]:

@@ -93,7 +93,8 @@ def test_float32_expert_parallel_serving_matches_no_expert_parallelism(tmp_path)
         assert ep["tokens"] == ref["tokens"], f"prompt {i}: greedy tokens differ\nEP:    {ep}\nno EP: {ref}"
         for what in ("prompt", "logprobs"):
             diff = max(abs(a - b) for a, b in zip(ep[what], ref[what]))
-            assert diff <= TOLERANCE, f"prompt {i}: {what} logprobs differ by up to {diff:.2e}\nEP:    {ep}\nno EP: {ref}"
+            assert diff <= TOLERANCE, (f"prompt {i}: {what} logprobs differ by up to {diff:.2e}\n"
+                                       f"EP:    {ep}\nno EP: {ref}")
             worst = max(worst, diff)
     print(f"\n[vllm e2e] compiled, float32, DP=2/EP=2 vs DP=1: {len(prompt_ids)} x {TOKENS} greedy tokens equal, "
           f"logprobs within {worst:.1e}")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import hybrid_ep_infer
+
 from dist_utils import free_port
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")

@@ -39,7 +39,8 @@ class AllGatherReduceScatter:
         itemsize = torch.empty((), dtype=dtype).element_size()
         self.dtype = dtype
         self.gathered_x = torch.empty(W * T, hidden * itemsize, dtype=torch.uint8, device=device)
-        self.gathered_scales = torch.empty(W * T, hidden // 128, dtype=torch.float32, device=device) if dtype != torch.bfloat16 else None
+        self.gathered_scales = (torch.empty(W * T, hidden // 128, dtype=torch.float32, device=device)
+                                if dtype != torch.bfloat16 else None)
         self.gathered_idx = torch.empty(W * T, K, dtype=torch.int64, device=device)
         self.gathered_w = torch.empty(W * T, K, dtype=torch.float32, device=device)
         self.capacity = W * T * min(K, local_experts)
@@ -128,7 +129,8 @@ class AllToAll:
 
     def combine(self, y):
         partial = torch.zeros(self._received, y.shape[1], dtype=torch.float32, device=y.device)
-        partial.index_add_(0, self._token_of_row, y[: self._token_of_row.shape[0]].float() * self._weight_of_row.unsqueeze(1))
+        rows = y[: self._token_of_row.shape[0]].float() * self._weight_of_row.unsqueeze(1)
+        partial.index_add_(0, self._token_of_row, rows)
         back = self._exchange(partial.to(torch.bfloat16), self._recv_splits, self._send_splits)
         out = torch.zeros(self._num_tokens, y.shape[1], dtype=torch.float32, device=y.device)
         out.index_add_(0, self._send_order, back.float())

@@ -69,7 +69,8 @@ def setup_label(args) -> str:
     if args.setup == "shared_gpu":
         if args.gpus == 1:
             return f"{args.ranks} ranks share one GPU under MPS: {SHARED_GPU_NOTE}"
-        return f"{args.ranks} ranks share {args.gpus} GPUs (up to {args.ranks_per_gpu} per GPU) under MPS: {SHARED_GPU_NOTE}"
+        return (f"{args.ranks} ranks share {args.gpus} GPUs (up to {args.ranks_per_gpu} per GPU) under MPS: "
+                f"{SHARED_GPU_NOTE}")
     return f"{args.ranks} GPUs, one rank each (NCCL)"
 
 

@@ -52,7 +52,8 @@ def print_table(records: list[dict], meta: dict) -> None:
     if meta.get("sample_barrier"):
         print(f"each sample starts after a {meta['sample_barrier']}")
     for link in links:
-        print(f"NVLink pair copy, both directions at once, {link['impl']}: {link['gbps_per_direction']:.0f} GB/s each way")
+        print(f"NVLink pair copy, both directions at once, {link['impl']}: "
+              f"{link['gbps_per_direction']:.0f} GB/s each way")
     if links:
         print("(the floor uses the faster)")
     columns = _SETUP_COLUMNS[meta.get("setup", "gpus")]

@@ -103,7 +103,8 @@ def run_case(cfg: BenchConfig, dtype_name: str, routing: str, n: int, timer: Tim
         received = max(dispatch_bytes.recv_tokens) * H * (itemsize if op == "dispatch" else 2)
         records.append(dict(
             config=cfg.name, op=op, impl=impl, dtype=dtype_name, routing=routing, tokens=n, ranks=W, mode=mode,
-            setup=args.setup, time_us=median, p99_us=p99, floor_us=floor, ratio_to_floor=median / floor if floor else None,
+            setup=args.setup, time_us=median, p99_us=p99, floor_us=floor,
+            ratio_to_floor=median / floor if floor else None,
             busiest_rank_bytes=busiest[op], busiest_offgpu_bytes=busiest[op] if off_gpu else None,
             gbps_real=busiest[op] / median / 1e3 if off_gpu else None,
             gbps_logical=received / median / 1e3 if off_gpu and op in ("dispatch", "combine") else None, sms=sms,
@@ -193,7 +194,8 @@ def run_all(args, device) -> tuple[list[dict], dict]:
     rate = max(rates.values()) if rates else None  # the floor uses the faster method
     records = [dict(config="nvlink", op="pair_copy_both_directions", impl=impl, ranks=W, mode="eager",
                     setup=args.setup, gbps_per_direction=value / 1e9) for impl, value in rates.items()]
-    cases = [(cfg, d, r, n) for cfg in args.bench_configs for d in args.dtypes for r in args.routings for n in cfg.tokens]
+    cases = [(cfg, d, r, n)
+             for cfg in args.bench_configs for d in args.dtypes for r in args.routings for n in cfg.tokens]
     experts: dict[str, SwiGLUExperts] = {}  # the current configuration's only
     for i, (cfg, dtype_name, routing, n) in enumerate(cases, 1):
         if rank == 0:

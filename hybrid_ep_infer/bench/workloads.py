@@ -64,7 +64,8 @@ class SwiGLUExperts:
         g = torch.Generator(device=device).manual_seed(seed)  # generated where they live: fast on GPUs
         self.gate_up = (torch.randn(num_local, 2 * inter, hidden, generator=g, device=device) * hidden ** -0.5
                         ).to(torch.bfloat16)
-        self.down = (torch.randn(num_local, hidden, inter, generator=g, device=device) * inter ** -0.5).to(torch.bfloat16)
+        down = torch.randn(num_local, hidden, inter, generator=g, device=device) * inter ** -0.5
+        self.down = down.to(torch.bfloat16)
         self.inter = inter
 
     def __call__(self, rows: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:

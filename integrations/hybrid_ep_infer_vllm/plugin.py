@@ -131,7 +131,7 @@ def _rebind(original, replacement) -> None:
         if not name.startswith("vllm.") or module is None:
             continue
         if vars(module).get("maybe_make_prepare_finalize") is original:
-            setattr(module, "maybe_make_prepare_finalize", replacement)
+            module.maybe_make_prepare_finalize = replacement
 
 
 def _buffer_for(moe, rows: torch.dtype, layout: str):

@@ -40,7 +40,8 @@ other input quantizations (per-token, per-tensor, int8, FP4).
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from vllm.model_executor.layers.fused_moe import modular_kernel as mk

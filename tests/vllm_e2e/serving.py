@@ -49,7 +49,7 @@ class Server:
                 self.env[key] = value
         self.process: subprocess.Popen | None = None
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         log = open(self.log_path, "w")
         try:
             self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
