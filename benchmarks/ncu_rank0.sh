@@ -6,11 +6,12 @@
 # pass: a multi-pass metric set completes only if the peers' rows and flags were already
 # there when ncu saved it (else a pass waits for a flag the restore erased, until the
 # EPBuffer timeout). So the counters describe a kernel that did not wait for its peers,
-# and its duration under ncu is not its normal time (benchmarks/NOTES.md #8).
+# and its duration under ncu is not its normal time.
 # Kernels that write to peers (publish, the transfer's senders, combine) repeat those writes
 # in every replay pass: the peers then see routing counters and flags run ahead, and the
-# run can hang until the EPBuffer timeout (#13). For them prefer single-pass metrics
-# (e.g. --metrics gpu__time_duration.sum,sm__cycles_active.avg) or --replay-mode application.
+# run can hang until the EPBuffer timeout (seen when profiling publish). For them prefer
+# single-pass metrics (e.g. --metrics gpu__time_duration.sum,sm__cycles_active.avg) or
+# --replay-mode application.
 # The other ranks are killed when this script exits (also on a timeout's SIGTERM), so a
 # later command in the same device call starts on idle GPUs.
 #

@@ -8,8 +8,9 @@
 //   tma_copy  bulk load local -> shared, bulk store shared -> peer (S stages a warp), as the
 //             dispatch's copy-engine senders do (dispatch_copy.cu) but without chunks or flags
 // and prints the rate per GPU: off-GPU bytes / the slowest GPU's kernel time (median of
-// --reps, all GPUs released together by a host flag). For benchmarks/NOTES.md: is the
-// transfer kernel below the link, or below what SMs can drive?
+// --reps, all GPUs released together by a host flag). It tells whether the transfer kernel
+// is below the link or below what SMs can drive (results: benchmarks/RESULTS.md and
+// docs/DESIGN.md, "Measured ceilings").
 //
 // Then the cost of one exchange step, the unit of the small-batch (decode) path: every
 // GPU writes N bytes to every other GPU, each block releases a counter on each peer

@@ -18,8 +18,9 @@ constexpr int kScaleBlock = 128;  // payload elements per FP8 scale
 constexpr int kCopyThreads = 512;  // threads per block of the two copy kernels
 constexpr int kCopyWarps = kCopyThreads / 32;
 
-// Measured best for the prefill shape on 4 GPUs (benchmarks/NOTES.md #6); the Python
-// package's tuner replaces them per shape.
+// The split measured best at the prefill shape on 4 GPUs with per-token flags and warp
+// copies (docs/DESIGN.md, "A construction-time tuner"); the Python package's tuner
+// replaces them per shape.
 inline hep_tuning_t default_tuning() {
   hep_tuning_t t{};
   t.size = sizeof(hep_tuning_t);

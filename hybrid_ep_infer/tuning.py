@@ -2,8 +2,8 @@
 
 How many warps of a block send or expand (dispatch) and reduce or gather (combine), how
 many consecutive tokens share one arrival flag, and whether dispatch moves rows with warp
-copies or through the bulk copy engine change speed but never results (benchmarks/NOTES.md
-#6-#8: the best choice differs per shape). The tuner times a few
+copies or through the bulk copy engine change speed but never results, and the best choice
+differs per shape (docs/DESIGN.md, "A construction-time tuner"). The tuner times a few
 candidates on synthetic uniform routing of the buffer's own shape and keeps the fastest.
 It is a collective (docs/SPEC.md section 1): every rank runs the same calls in the same order,
 the per-candidate times are gathered, and the choice — the candidate whose slowest rank

@@ -14,7 +14,8 @@ constexpr int kThreads = kCopyThreads;
 constexpr int kWarps = kCopyWarps;
 // A lane sums kVectors 16-byte columns at once (v, v+32, ...), loading kTermsInFlight
 // terms (rows or partials) of each before the first add: 16 loads in flight per lane.
-// The kernels are bound by memory latency, not bandwidth, at 24 SMs (NOTES.md #4).
+// At 24 SMs the kernel is bound by memory latency, not bandwidth: more loads in flight per
+// lane is what shortens it (docs/DESIGN.md, "Loads in flight").
 constexpr int kVectors = 4;
 constexpr int kTermsInFlight = 4;
 

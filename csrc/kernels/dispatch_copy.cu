@@ -25,10 +25,11 @@ namespace {
 
 constexpr int kThreads = kCopyThreads;
 constexpr int kWarps = kCopyWarps;
-// 16-byte loads in flight per lane before the first store: 4 keep the NVLink writes at
-// the link rate; the local copies want more (NOTES.md #4).
+// 16-byte loads in flight per lane before the first store: 4 keep the NVLink writes near
+// the link rate (8 spilled registers when tried); the local copies use 8, as fast as 4,
+// while 16 measured slower (docs/DESIGN.md, "Loads in flight").
 constexpr int kSendUnroll = 4;
-constexpr int kExpandUnroll = 8;  // 16 measured slower (NOTES.md #6)
+constexpr int kExpandUnroll = 8;
 // The copy-engine paths (tuning.dispatch_send_tma, dispatch_expand_tma): per warp a ring
 // of two shared-memory stages; one load of a row piece, then one bulk store per row it
 // goes to. 16 warps x 2 x 7 KB (+ barriers) = 229,632 bytes fit in a block's 227 KB.

@@ -23,7 +23,7 @@ function. Unquantized layers served with ``--moe-backend batched_triton`` get th
 batched activation format (a batched buffer), since that is what vLLM then builds
 experts for; all others get the Standard format.
 One buffer serves every layer of the same sizes; each step ends with ``check_errors()``
-on those buffers (outside graph capture). See docs/VLLM_NOTES.md for the vLLM facts.
+on those buffers (outside graph capture). docs/DESIGN.md, "The vLLM adapter", says why.
 """
 
 from __future__ import annotations

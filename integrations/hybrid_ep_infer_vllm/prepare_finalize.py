@@ -34,7 +34,7 @@ on an FP8 buffer before dispatch (rows and ``[*, H/128]`` scales travel), on a b
 buffer after it (same bits, twice the bytes). Experts that quantize their inputs
 themselves (``defer_input_quant``) get bf16 rows, which needs a bf16 buffer.
 
-Checked against vLLM 0.32.0 (see docs/VLLM_NOTES.md). Not yet: async prepare/finalize,
+Checked against vLLM 0.32.0 (docs/DESIGN.md, "The vLLM adapter"). Not yet: async prepare/finalize,
 other input quantizations (per-token, per-tensor, int8, FP4).
 """
 
