@@ -83,7 +83,7 @@ class WorkspaceLayout(ctypes.Structure):
         "total_bytes", "hidden", "scales", "weights", "row_expert", "tokens_per_expert", "offsets", "combine_out")]
 
 
-class DispatchArgs(ctypes.Structure):
+class HepDispatchArgs(ctypes.Structure):
     _fields_ = [
         ("x", ctypes.c_void_p),
         ("scales", ctypes.c_void_p),
@@ -111,7 +111,7 @@ class Tuning(ctypes.Structure):
     ]
 
 
-class CombineArgs(ctypes.Structure):
+class HepCombineArgs(ctypes.Structure):
     _fields_ = [("y", ctypes.c_void_p), ("out", ctypes.c_void_p), ("num_rows", ctypes.c_int32),
                 ("weighted", ctypes.c_int32), ("topk_idx", ctypes.c_void_p), ("idx_dtype", ctypes.c_int)]
 
@@ -129,8 +129,8 @@ _SIGNATURES = {
     "hep_workspace_layout": (ctypes.c_int, [ctypes.POINTER(BufferDesc), ctypes.POINTER(WorkspaceLayout)]),
     "hep_context_attach": (ctypes.c_int,
                            [ctypes.c_void_p, ctypes.POINTER(BufferDesc), ctypes.POINTER(ctypes.c_void_p)]),
-    "hep_dispatch": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(DispatchArgs), ctypes.c_uint64]),
-    "hep_combine": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(CombineArgs), ctypes.c_uint64]),
+    "hep_dispatch": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(HepDispatchArgs), ctypes.c_uint64]),
+    "hep_combine": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(HepCombineArgs), ctypes.c_uint64]),
     "hep_context_set_tuning": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(Tuning)]),
     "hep_context_get_tuning": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(Tuning)]),
 }
@@ -298,7 +298,7 @@ class NativeContext:
 
     def dispatch(self, x, scales, topk_idx, topk_weights, num_tokens, num_tokens_device) -> None:
         """Launch dispatch on the current stream; arguments already checked by validation.py."""
-        args = DispatchArgs(
+        args = HepDispatchArgs(
             x=x.data_ptr(),
             scales=scales.data_ptr() if scales is not None else None,
             topk_idx=topk_idx.data_ptr(),
@@ -320,7 +320,7 @@ class NativeContext:
         combine is stale: the output is all zeros and ``ErrorKind.STALE_COMBINE`` is
         counted. ``None``: no check.
         """
-        args = CombineArgs(y=y.data_ptr(), out=out.data_ptr(), num_rows=num_rows, weighted=int(weighted),
+        args = HepCombineArgs(y=y.data_ptr(), out=out.data_ptr(), num_rows=num_rows, weighted=int(weighted),
                            topk_idx=topk_idx.data_ptr() if topk_idx is not None else None,
                            idx_dtype=HEP_INDEX_INT64 if topk_idx is not None and topk_idx.dtype == torch.int64
                            else HEP_INDEX_INT32)
