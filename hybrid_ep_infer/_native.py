@@ -321,9 +321,9 @@ class NativeContext:
         counted. ``None``: no check.
         """
         args = HepCombineArgs(y=y.data_ptr(), out=out.data_ptr(), num_rows=num_rows, weighted=int(weighted),
-                           topk_idx=topk_idx.data_ptr() if topk_idx is not None else None,
-                           idx_dtype=HEP_INDEX_INT64 if topk_idx is not None and topk_idx.dtype == torch.int64
-                           else HEP_INDEX_INT32)
+                              topk_idx=topk_idx.data_ptr() if topk_idx is not None else None,
+                              idx_dtype=HEP_INDEX_INT64 if topk_idx is not None and topk_idx.dtype == torch.int64
+                              else HEP_INDEX_INT32)
         stream = torch.cuda.current_stream(self.device).cuda_stream
         self.lib.check(self.lib.hep_combine(self._live_handle(), ctypes.byref(args), stream), "hep_combine")
 
