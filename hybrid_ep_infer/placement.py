@@ -24,14 +24,22 @@ def gpu_for_rank(local_rank: int, num_gpus: int) -> int:
     return local_rank % num_gpus
 
 
+def collective_device(group=None) -> torch.device:
+    """Where ``group``'s collectives take their tensors: the current CUDA device for NCCL,
+    the CPU for gloo (also the group of ranks that share a GPU, where NCCL refuses to run)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_gather_bytes(blob: bytes, group) -> list[bytes]:
     """Every rank's ``blob`` (any lengths), in rank order. A collective over ``group``.
 
-    Plain tensor collectives (``all_gather_object`` needs numpy on some torch builds):
-    CPU tensors for gloo, CUDA tensors for NCCL.
+    Plain tensor collectives (``all_gather_object`` needs numpy on some torch builds) on
+    :func:`collective_device`.
     """
     world = dist.get_world_size(group)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    device = collective_device(group)
     size = torch.tensor([len(blob)], dtype=torch.int64, device=device)
     sizes = [torch.empty_like(size) for _ in range(world)]
     dist.all_gather(sizes, size, group=group)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from .config import CONTIGUOUS, BufferConfig
 from .errors import PHASE_NAMES, raise_for_errors
+from .placement import collective_device
 
 # Dispatch: sender warps per block, tokens per flag release, NVLink writes and expand
 # through the copy engine (1) or with warp copies (0).
@@ -105,10 +106,8 @@ def choose(gathered: list[list[float]]) -> tuple[dict[str, int], list[tuple[str,
 
 
 def _all_gather_times(times: list[float], group) -> list[list[float]]:
-    """Every rank's candidate times, in rank order (a tensor collective: CPU for gloo,
-    the current CUDA device for NCCL)."""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
-    mine = torch.tensor(times, dtype=torch.float64, device=device)
+    """Every rank's candidate times, in rank order (a tensor collective)."""
+    mine = torch.tensor(times, dtype=torch.float64, device=collective_device(group))
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, mine, group=group)
     return [g.cpu().tolist() for g in gathered]

@@ -7,7 +7,7 @@ GPU tests place their ranks here, in one place: one process per GPU by default
 (over NCCL); with ``HYBRID_EP_INFER_TEST_SHARE_GPU=1`` the ranks share the visible GPUs
 round-robin (``placement.gpu_for_rank``; start CUDA MPS first) over gloo, since NCCL
 refuses two ranks on one GPU. ``HYBRID_EP_INFER_TEST_WORLD_SIZES=2,4,8`` sets the rank
-counts every multi-rank GPU test runs at (``benchmarks/gpu_run.sh onegpu`` sets both).
+counts every multi-rank GPU test runs at (``benchmarks/gpu_run.sh --one-gpu`` sets both).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from hybrid_ep_infer import EPBuffer
+from hybrid_ep_infer.placement import collective_device
 
 from moe_cases import Case, RankInputs
 
@@ -88,7 +89,6 @@ def assert_same_errors(a: EPBuffer, b: EPBuffer, what: str = "") -> None:
 
 
 def max_over_ranks(value: float) -> float:
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # gloo: ranks that share a GPU
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+    t = torch.tensor([value], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()

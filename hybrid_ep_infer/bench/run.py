@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .. import EPBuffer
+from ..placement import collective_device
 from .baselines import AllGatherReduceScatter, AllToAll
 from .configs import BenchConfig
 from .timing import Timer
@@ -24,10 +25,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 
 
 def all_ranks_ok(ok: bool) -> bool:
-    """True where every rank passes True. A collective over the world group (CPU tensor
-    for gloo, CUDA for NCCL)."""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=device)
+    """True where every rank passes True. A collective over the world group."""
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=collective_device())
     dist.all_reduce(flag)
     return flag.item() == 0
 
@@ -69,11 +68,6 @@ def check_against_reference(buf: EPBuffer, kw: dict, x, scales, idx, weights, de
                            f"{'passed' if ok else 'failed'})")
 
 
-def buffer_kwargs(cfg: BenchConfig, dtype_name: str) -> dict:
-    return dict(hidden=cfg.hidden, max_tokens=cfg.max_tokens, num_experts=cfg.local_experts * dist.get_world_size(),
-                top_k=cfg.top_k, dtype=DTYPES[dtype_name], pad_multiple=16)
-
-
 def run_case(cfg: BenchConfig, dtype_name: str, routing: str, n: int, timer: Timer, rate, args, device,
              experts: SwiGLUExperts | None) -> list[dict]:
     """Records of ``args.ops``: ours (eager, and graph-replayed on GPUs), then, where NCCL
@@ -88,7 +82,7 @@ def run_case(cfg: BenchConfig, dtype_name: str, routing: str, n: int, timer: Tim
     cuda = device.type == "cuda"
     backend = "cuda" if cuda else "reference"
     ours = OURS if cuda else f"{OURS}(reference)"
-    kw = buffer_kwargs(cfg, dtype_name)
+    kw = dict(hidden=H, max_tokens=T, num_experts=L * W, top_k=K, dtype=dtype, pad_multiple=16)
     # Bytes between ranks cross NVLink only with one rank per GPU: elsewhere no GB/s.
     off_gpu = args.setup == "gpus"
     records = []
