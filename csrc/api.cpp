@@ -12,7 +12,7 @@
 #include "context.h"
 #include "hybrid_ep_infer/hybrid_ep_infer.h"
 #include "kernels/combine.cuh"
-#include "kernels/validate_routing.cuh"
+#include "kernels/ll_dispatch.cuh"
 
 #ifndef HEP_VERSION_STRING
 #define HEP_VERSION_STRING "unknown"
@@ -176,6 +176,7 @@ hep_status_t check_desc(const hep_buffer_desc_t* d) {
               "capacity %d must be a multiple of pad_multiple %d", d->capacity, d->pad_multiple);
   HEP_REQUIRE(d->num_sms >= 1, "num_sms must be >= 1, got %d", d->num_sms);
   HEP_REQUIRE(d->timeout_ns > 0, "timeout_ns must be positive");
+  HEP_REQUIRE(d->low_latency == 0 || d->low_latency == 1, "low_latency must be 0 or 1, got %d", d->low_latency);
   return HEP_SUCCESS;
 }
 
@@ -220,11 +221,23 @@ hep_status_t hep_context_attach(hep_context_t* context, const hep_buffer_desc_t*
     HEP_CUDA_CALL(guard.status());
     HEP_CUDA_CALL(hep::prepare_transfer_kernel());
     HEP_CUDA_CALL(hep::prepare_plan_kernels());
+    HEP_CUDA_CALL(hep::prepare_ll_dispatch());
+  }
+  const hep::Sizes sizes = hep::make_sizes(*desc);
+  if (desc->low_latency) {
+    int optin = 0;
+    HEP_CUDA_CALL(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, context->device));
+    const size_t need = hep::ll_receive_shared_bytes(sizes);
+    HEP_REQUIRE(need + 1024 <= static_cast<size_t>(optin),
+                "low_latency: the receive's plan tables need %zu bytes of shared memory per block (world_size %d, "
+                "num_experts %d, max_tokens %d); the device allows %d. Use a smaller max_tokens or low_latency = 0",
+                need, desc->world_size, desc->num_experts, desc->max_tokens, optin - 1024);
   }
   context->desc = *desc;
-  context->sizes = hep::make_sizes(*desc);
+  context->sizes = sizes;
   context->offsets = hep::make_offsets(context->sizes);
   context->tuning = hep::default_tuning();
+  if (desc->low_latency) context->tuning.dispatch_path = HEP_DISPATCH_LOW_LATENCY;
   context->attached = true;
   return HEP_SUCCESS;
 }
@@ -249,6 +262,10 @@ hep_status_t hep_context_set_tuning(hep_context_t* context, const hep_tuning_t* 
               "dispatch_expand_tma must be 0 or 1, got %d", tuning->dispatch_expand_tma);
   HEP_REQUIRE(tuning->dispatch_send_tma == 0 || tuning->dispatch_send_tma == 1,
               "dispatch_send_tma must be 0 or 1, got %d", tuning->dispatch_send_tma);
+  HEP_REQUIRE(tuning->dispatch_path == HEP_DISPATCH_PLANNED ||
+                  (tuning->dispatch_path == HEP_DISPATCH_LOW_LATENCY && context->desc.low_latency),
+              "dispatch_path %d is not HEP_DISPATCH_PLANNED, or HEP_DISPATCH_LOW_LATENCY on a low_latency buffer",
+              tuning->dispatch_path);
   context->tuning = *tuning;
   return HEP_SUCCESS;
 }
@@ -261,23 +278,31 @@ hep_status_t hep_context_get_tuning(hep_context_t* context, hep_tuning_t* out) {
   return HEP_SUCCESS;
 }
 
-hep_status_t hep_dispatch(hep_context_t* context, const hep_dispatch_args_t* args, uint64_t stream) {
-  hep::clear_last_error();
-  HEP_REQUIRE(context != nullptr && args != nullptr, "hep_dispatch: NULL argument");
-  HEP_REQUIRE(context->attached, "hep_dispatch: no buffer attached to this context");
+namespace {
+
+const char* pending_name(hep_context::Pending pending) {
+  return pending == hep_context::Pending::kDispatch ? "hep_dispatch_send" : "hep_combine_send";
+}
+
+// Checks a dispatch's arguments and fills its kernel parameters.
+hep_status_t prepare_dispatch(const char* what, hep_context_t* context, const hep_dispatch_args_t* args,
+                              hep::DispatchParams& p) {
+  HEP_REQUIRE(context != nullptr && args != nullptr, "%s: NULL argument", what);
+  HEP_REQUIRE(context->attached, "%s: no buffer attached to this context", what);
   const hep::Sizes& s = context->sizes;
-  HEP_REQUIRE(args->num_rows >= 0 && args->num_rows <= s.max_tokens, "hep_dispatch: num_rows %d outside [0, %d]",
+  HEP_REQUIRE(args->num_rows >= 0 && args->num_rows <= s.max_tokens, "%s: num_rows %d outside [0, %d]", what,
               args->num_rows, s.max_tokens);
   HEP_REQUIRE(args->num_tokens_device != nullptr ||
                   (args->num_tokens_host >= 0 && args->num_tokens_host <= args->num_rows),
-              "hep_dispatch: num_tokens_host %d outside [0, %d]", args->num_tokens_host, args->num_rows);
-  HEP_REQUIRE(args->idx_dtype == HEP_INDEX_INT32 || args->idx_dtype == HEP_INDEX_INT64, "hep_dispatch: bad idx_dtype");
+              "%s: num_tokens_host %d outside [0, %d]", what, args->num_tokens_host, args->num_rows);
+  HEP_REQUIRE(args->idx_dtype == HEP_INDEX_INT32 || args->idx_dtype == HEP_INDEX_INT64, "%s: bad idx_dtype", what);
   HEP_REQUIRE(args->num_rows == 0 || (args->x && args->topk_idx && args->topk_weights),
-              "hep_dispatch: x, topk_idx and topk_weights must not be NULL");
+              "%s: x, topk_idx and topk_weights must not be NULL", what);
   HEP_REQUIRE(s.scale_cols == 0 || args->num_rows == 0 || args->scales != nullptr,
-              "hep_dispatch: this buffer carries FP8 scales; scales must not be NULL");
+              "%s: this buffer carries FP8 scales; scales must not be NULL", what);
+  HEP_REQUIRE(context->pending == hep_context::Pending::kNone, "%s: %s is pending; call its receive half first", what,
+              pending_name(context->pending));
 
-  hep::DispatchParams p{};
   hep::fill_buffer_params(*context, p);
   p.send_warps = context->tuning.dispatch_send_warps;
   p.chunk_tokens = context->tuning.dispatch_chunk_tokens;
@@ -291,71 +316,122 @@ hep_status_t hep_dispatch(hep_context_t* context, const hep_dispatch_args_t* arg
   p.num_rows = args->num_rows;
   p.num_tokens_device = args->num_tokens_device;
   p.num_tokens_host = args->num_tokens_host;
-
-  hep::DeviceGuard guard(context->device);
-  HEP_CUDA_CALL(guard.status());
-  HEP_CUDA_CALL(hep::launch_dispatch(p, reinterpret_cast<cudaStream_t>(stream)));
   return HEP_SUCCESS;
 }
 
-hep_status_t hep_combine(hep_context_t* context, const hep_combine_args_t* args, uint64_t stream) {
-  hep::clear_last_error();
-  HEP_REQUIRE(context != nullptr && args != nullptr, "hep_combine: NULL argument");
-  HEP_REQUIRE(context->attached, "hep_combine: no buffer attached to this context");
-  const hep::Sizes& s = context->sizes;
-  HEP_REQUIRE(args->num_rows >= 0 && args->num_rows <= s.max_tokens, "hep_combine: num_rows %d outside [0, %d]",
-              args->num_rows, s.max_tokens);
-  HEP_REQUIRE(args->y != nullptr && (args->num_rows == 0 || args->out != nullptr), "hep_combine: y or out is NULL");
-  HEP_REQUIRE(reinterpret_cast<uintptr_t>(args->y) % 16 == 0 && reinterpret_cast<uintptr_t>(args->out) % 16 == 0,
-              "hep_combine: y and out must be 16-byte aligned");
-  HEP_REQUIRE(args->topk_idx == nullptr || args->idx_dtype == HEP_INDEX_INT32 || args->idx_dtype == HEP_INDEX_INT64,
-              "hep_combine: bad idx_dtype");
+}  // namespace
 
-  hep::CombineParams p{};
+hep_status_t hep_dispatch(hep_context_t* context, const hep_dispatch_args_t* args, uint64_t stream) {
+  hep::clear_last_error();
+  hep::DispatchParams p{};
+  hep_status_t status = prepare_dispatch("hep_dispatch", context, args, p);
+  if (status != HEP_SUCCESS) return status;
+  hep::DeviceGuard guard(context->device);
+  HEP_CUDA_CALL(guard.status());
+  const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  if (context->tuning.dispatch_path == HEP_DISPATCH_LOW_LATENCY) {
+    HEP_CUDA_CALL(hep::launch_ll_dispatch(p, hep::kLowLatencyBoth, s));
+  } else {
+    HEP_CUDA_CALL(hep::launch_dispatch(p, s));
+  }
+  return HEP_SUCCESS;
+}
+
+hep_status_t hep_dispatch_send(hep_context_t* context, const hep_dispatch_args_t* args, uint64_t stream) {
+  hep::clear_last_error();
+  hep::DispatchParams p{};
+  hep_status_t status = prepare_dispatch("hep_dispatch_send", context, args, p);
+  if (status != HEP_SUCCESS) return status;
+  HEP_REQUIRE(context->desc.low_latency, "hep_dispatch_send: the buffer was built without low_latency");
+  hep::DeviceGuard guard(context->device);
+  HEP_CUDA_CALL(guard.status());
+  HEP_CUDA_CALL(hep::launch_ll_dispatch(p, hep::kLowLatencySend, reinterpret_cast<cudaStream_t>(stream)));
+  context->pending = hep_context::Pending::kDispatch;
+  return HEP_SUCCESS;
+}
+
+hep_status_t hep_dispatch_recv(hep_context_t* context, uint64_t stream) {
+  hep::clear_last_error();
+  HEP_REQUIRE(context != nullptr, "hep_dispatch_recv: NULL argument");
+  HEP_REQUIRE(context->pending == hep_context::Pending::kDispatch, "hep_dispatch_recv: no hep_dispatch_send is pending%s",
+              context->pending == hep_context::Pending::kCombine ? " (hep_combine_send is)" : "");
+  hep::DispatchParams p{};
+  hep::fill_buffer_params(*context, p);  // the receive reads only the workspace
+  hep::DeviceGuard guard(context->device);
+  HEP_CUDA_CALL(guard.status());
+  HEP_CUDA_CALL(hep::launch_ll_dispatch(p, hep::kLowLatencyReceive, reinterpret_cast<cudaStream_t>(stream)));
+  context->pending = hep_context::Pending::kNone;
+  return HEP_SUCCESS;
+}
+
+namespace {
+
+// Checks a combine's arguments and fills its kernel parameters.
+hep_status_t prepare_combine(const char* what, hep_context_t* context, const hep_combine_args_t* args,
+                             hep::CombineParams& p) {
+  HEP_REQUIRE(context != nullptr && args != nullptr, "%s: NULL argument", what);
+  HEP_REQUIRE(context->attached, "%s: no buffer attached to this context", what);
+  const hep::Sizes& s = context->sizes;
+  HEP_REQUIRE(args->num_rows >= 0 && args->num_rows <= s.max_tokens, "%s: num_rows %d outside [0, %d]", what,
+              args->num_rows, s.max_tokens);
+  HEP_REQUIRE(args->y != nullptr && (args->num_rows == 0 || args->out != nullptr), "%s: y or out is NULL", what);
+  HEP_REQUIRE(reinterpret_cast<uintptr_t>(args->y) % 16 == 0 && reinterpret_cast<uintptr_t>(args->out) % 16 == 0,
+              "%s: y and out must be 16-byte aligned", what);
+  HEP_REQUIRE(args->topk_idx == nullptr || args->idx_dtype == HEP_INDEX_INT32 || args->idx_dtype == HEP_INDEX_INT64,
+              "%s: bad idx_dtype", what);
+  HEP_REQUIRE(context->pending == hep_context::Pending::kNone, "%s: %s is pending; call its receive half first", what,
+              pending_name(context->pending));
+
   hep::fill_buffer_params(*context, p);
   p.reduce_warps = context->tuning.combine_reduce_warps;
   p.chunk_tokens = context->tuning.combine_chunk_tokens;
+  p.roles = hep::kCombineBoth;
   p.y = args->y;
   p.out = args->out;
   p.num_rows = args->num_rows;
   p.weighted = args->weighted != 0;
   p.topk_idx = args->topk_idx;
   p.idx_is_int64 = args->idx_dtype == HEP_INDEX_INT64;
+  return HEP_SUCCESS;
+}
 
+}  // namespace
+
+hep_status_t hep_combine(hep_context_t* context, const hep_combine_args_t* args, uint64_t stream) {
+  hep::clear_last_error();
+  hep::CombineParams p{};
+  hep_status_t status = prepare_combine("hep_combine", context, args, p);
+  if (status != HEP_SUCCESS) return status;
   hep::DeviceGuard guard(context->device);
   HEP_CUDA_CALL(guard.status());
   HEP_CUDA_CALL(hep::launch_combine(p, reinterpret_cast<cudaStream_t>(stream)));
   return HEP_SUCCESS;
 }
 
-hep_status_t hep_validate_routing(hep_context_t* context, const hep_validate_routing_args_t* args,
-                                  uint64_t stream) {
+hep_status_t hep_combine_send(hep_context_t* context, const hep_combine_args_t* args, uint64_t stream) {
   hep::clear_last_error();
-  HEP_REQUIRE(context != nullptr && args != nullptr, "hep_validate_routing: NULL argument");
-  HEP_REQUIRE(args->idx_dtype == HEP_INDEX_INT32 || args->idx_dtype == HEP_INDEX_INT64,
-              "hep_validate_routing: idx_dtype must be HEP_INDEX_INT32 or HEP_INDEX_INT64");
-  HEP_REQUIRE(args->num_rows >= 0 && args->top_k > 0 && args->num_experts > 0,
-              "hep_validate_routing: need num_rows >= 0, top_k > 0, num_experts > 0 (got %d, %d, %d)",
-              args->num_rows, args->top_k, args->num_experts);
-  HEP_REQUIRE(args->num_rows == 0 || (args->topk_idx != nullptr && args->sanitized_idx != nullptr),
-              "hep_validate_routing: topk_idx and sanitized_idx must not be NULL");
-  HEP_REQUIRE(args->num_tokens_device != nullptr ||
-                  (args->num_tokens_host >= 0 && args->num_tokens_host <= args->num_rows),
-              "hep_validate_routing: num_tokens_host %d outside [0, %d]", args->num_tokens_host, args->num_rows);
-
+  hep::CombineParams p{};
+  hep_status_t status = prepare_combine("hep_combine_send", context, args, p);
+  if (status != HEP_SUCCESS) return status;
   hep::DeviceGuard guard(context->device);
   HEP_CUDA_CALL(guard.status());
-  hep::ValidateRoutingParams params{};
-  params.topk_idx = args->topk_idx;
-  params.idx_is_int64 = args->idx_dtype == HEP_INDEX_INT64;
-  params.num_rows = args->num_rows;
-  params.top_k = args->top_k;
-  params.num_experts = args->num_experts;
-  params.num_tokens_device = args->num_tokens_device;
-  params.num_tokens_host = args->num_tokens_host;
-  params.sanitized_idx = args->sanitized_idx;
-  params.error_counts = context->errors_device->counts;
-  HEP_CUDA_CALL(hep::launch_validate_routing(params, reinterpret_cast<cudaStream_t>(stream)));
+  p.roles = hep::kCombineReduce;
+  HEP_CUDA_CALL(hep::launch_combine(p, reinterpret_cast<cudaStream_t>(stream)));
+  p.roles = hep::kCombineGather;
+  context->pending_combine = p;
+  context->pending = hep_context::Pending::kCombine;
+  return HEP_SUCCESS;
+}
+
+hep_status_t hep_combine_recv(hep_context_t* context, uint64_t stream) {
+  hep::clear_last_error();
+  HEP_REQUIRE(context != nullptr, "hep_combine_recv: NULL argument");
+  HEP_REQUIRE(context->pending == hep_context::Pending::kCombine, "hep_combine_recv: no hep_combine_send is pending%s",
+              context->pending == hep_context::Pending::kDispatch ? " (hep_dispatch_send is)" : "");
+  hep::DeviceGuard guard(context->device);
+  HEP_CUDA_CALL(guard.status());
+  HEP_CUDA_CALL(hep::launch_combine(context->pending_combine, reinterpret_cast<cudaStream_t>(stream)));
+  context->pending = hep_context::Pending::kNone;
   return HEP_SUCCESS;
 }
 

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "hybrid_ep_infer/hybrid_ep_infer.h"
+#include "kernels/combine.cuh"
 #include "kernels/dispatch.cuh"
 #include "workspace.h"
 
@@ -18,4 +19,11 @@ struct hep_context {
   hep::WorkspaceOffsets offsets{};
   void* workspaces[hep::kMaxRanks] = {};
   hep_tuning_t tuning{};  // set to the defaults by attach
+
+  // The split halves: which send is waiting for its receive (host-side bookkeeping of
+  // the calls made, so it also holds while a CUDA graph is being captured), and the
+  // combine send's parameters, which its receive launches with.
+  enum class Pending { kNone, kDispatch, kCombine };
+  Pending pending = Pending::kNone;
+  hep::CombineParams pending_combine{};
 };

@@ -31,6 +31,7 @@ inline hep_tuning_t default_tuning() {
   t.combine_chunk_tokens = 1;
   t.dispatch_expand_tma = 0;
   t.dispatch_send_tma = 0;
+  t.dispatch_path = HEP_DISPATCH_PLANNED;  // attach picks LOW_LATENCY where the buffer has it
   return t;
 }
 
@@ -41,6 +42,10 @@ struct Sizes {
   int32_t batched, pad_multiple, capacity;
   int32_t slots;  // row slots: capacity (contiguous) or L * capacity (batched)
   int64_t row_bytes;  // H * payload_bytes, a multiple of 16
+  int32_t ll_tokens;  // rows per source the low-latency dispatch stages: max_tokens, or 0 (no such path)
+
+  // A staged row: the payload, then its FP8 scales (16-byte aligned).
+  __host__ __device__ int64_t stage_row_bytes() const { return row_bytes + (scale_cols * 4 + 15) / 16 * 16; }
 
   __host__ __device__ int64_t routing_slot_bytes() const {
     // n (padded to 16 bytes), then ids [T, K] int32, then weights [T, K] fp32.
@@ -62,6 +67,10 @@ struct WorkspaceOffsets {
   int64_t combine_done;
   // peer: [2 (call parity)][W (source)] routing slots.
   int64_t routing;
+  // peer: low-latency dispatch. ll_flags [W (source)][ll_tokens] uint64, the call that
+  // last staged source's token t here; ll_stage [2 (call parity)][W (source)][ll_tokens]
+  // staged rows (stage_row_bytes each).
+  int64_t ll_flags, ll_stage;
   // peer: dispatch payload [slots, H] and FP8 scales [slots, H/128].
   int64_t hidden, scales;
   // peer: combine partials [2 (combine parity)][W (destination)][T, H] bf16.
@@ -98,6 +107,7 @@ inline Sizes make_sizes(const hep_buffer_desc_t& d) {
   s.capacity = d.capacity;
   s.slots = s.batched ? s.local_experts * d.capacity : d.capacity;
   s.row_bytes = (int64_t)d.hidden * d.payload_bytes;
+  s.ll_tokens = d.low_latency ? d.max_tokens : 0;
   return s;
 }
 
@@ -115,6 +125,8 @@ inline WorkspaceOffsets make_offsets(const Sizes& s) {
   o.combine_flags = take(8 * W * T);
   o.combine_done = take(8 * W);
   o.routing = take(2 * W * s.routing_slot_bytes());
+  o.ll_flags = take(8 * W * s.ll_tokens);
+  o.ll_stage = take(2 * W * s.ll_tokens * s.stage_row_bytes());
   o.hidden = take(slots * s.row_bytes);
   o.scales = take(slots * s.scale_cols * 4);
   o.combine_partials = take(2 * W * T * s.hidden * 2);

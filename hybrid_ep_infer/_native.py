@@ -26,7 +26,7 @@ import torch
 from .errors import ERROR_BLOCK_WORDS, ErrorKind, ErrorSnapshot, HybridEPError
 
 LIBRARY_NAME = "libhybrid_ep_infer.so"
-API_VERSION = 4  # HEP_API_VERSION in the C header
+API_VERSION = 5  # HEP_API_VERSION in the C header
 
 HEP_SUCCESS = 0
 HEP_INDEX_INT32 = 0
@@ -43,19 +43,6 @@ class ErrorBlock(ctypes.Structure):
 
 class ContextConfig(ctypes.Structure):
     _fields_ = [("size", ctypes.c_size_t), ("version", ctypes.c_uint32), ("device", ctypes.c_int32)]
-
-
-class ValidateRoutingArgs(ctypes.Structure):
-    _fields_ = [
-        ("topk_idx", ctypes.c_void_p),
-        ("idx_dtype", ctypes.c_int),
-        ("num_rows", ctypes.c_int32),
-        ("top_k", ctypes.c_int32),
-        ("num_experts", ctypes.c_int32),
-        ("num_tokens_device", ctypes.c_void_p),
-        ("num_tokens_host", ctypes.c_int32),
-        ("sanitized_idx", ctypes.c_void_p),
-    ]
 
 
 class BufferDesc(ctypes.Structure):
@@ -75,6 +62,7 @@ class BufferDesc(ctypes.Structure):
         ("capacity", ctypes.c_int32),
         ("num_sms", ctypes.c_int32),
         ("timeout_ns", ctypes.c_uint64),
+        ("low_latency", ctypes.c_int32),
     ]
 
 
@@ -108,6 +96,7 @@ class Tuning(ctypes.Structure):
         ("combine_chunk_tokens", ctypes.c_int32),
         ("dispatch_expand_tma", ctypes.c_int32),
         ("dispatch_send_tma", ctypes.c_int32),
+        ("dispatch_path", ctypes.c_int32),
     ]
 
 
@@ -125,12 +114,15 @@ _SIGNATURES = {
     "hep_context_destroy": (ctypes.c_int, [ctypes.c_void_p]),
     "hep_context_take_errors": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ErrorBlock)]),
     "hep_context_error_block": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]),
-    "hep_validate_routing": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ValidateRoutingArgs), ctypes.c_uint64]),
     "hep_workspace_layout": (ctypes.c_int, [ctypes.POINTER(BufferDesc), ctypes.POINTER(WorkspaceLayout)]),
     "hep_context_attach": (ctypes.c_int,
                            [ctypes.c_void_p, ctypes.POINTER(BufferDesc), ctypes.POINTER(ctypes.c_void_p)]),
     "hep_dispatch": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(HepDispatchArgs), ctypes.c_uint64]),
     "hep_combine": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(HepCombineArgs), ctypes.c_uint64]),
+    "hep_dispatch_send": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(HepDispatchArgs), ctypes.c_uint64]),
+    "hep_dispatch_recv": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_uint64]),
+    "hep_combine_send": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(HepCombineArgs), ctypes.c_uint64]),
+    "hep_combine_recv": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_uint64]),
     "hep_context_set_tuning": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(Tuning)]),
     "hep_context_get_tuning": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(Tuning)]),
 }
@@ -262,42 +254,14 @@ class NativeContext:
                        "reading the error block")
         return ErrorSnapshot.from_words(block.words)
 
-    def validate_routing(self, topk_idx: torch.Tensor, num_experts: int, sanitized: torch.Tensor,
-                         num_tokens: int | None = None, num_tokens_device: torch.Tensor | None = None) -> None:
-        """Launch the routing validation kernel on the current stream (asynchronous).
-
-        ``topk_idx`` ``[m, K]`` int32/int64 and ``sanitized`` ``[m, K]`` int32, both
-        contiguous on this context's device; n comes from ``num_tokens_device`` (a
-        1-element int32 tensor) if given, else ``num_tokens`` (default m).
-        """
-        for name, t, dtypes in (("topk_idx", topk_idx, (torch.int32, torch.int64)),
-                                ("sanitized", sanitized, (torch.int32,))):
-            if t.dtype not in dtypes or t.device != self.device or not t.is_contiguous() or t.dim() != 2:
-                raise ValueError(f"{name} must be a contiguous 2-D {dtypes} tensor on {self.device}")
-        if sanitized.shape != topk_idx.shape:
-            raise ValueError(f"sanitized must have shape {list(topk_idx.shape)}, got {list(sanitized.shape)}")
-        m, top_k = topk_idx.shape
-        args = ValidateRoutingArgs(
-            topk_idx=topk_idx.data_ptr(),
-            idx_dtype=HEP_INDEX_INT64 if topk_idx.dtype == torch.int64 else HEP_INDEX_INT32,
-            num_rows=m,
-            top_k=top_k,
-            num_experts=num_experts,
-            num_tokens_device=num_tokens_device.data_ptr() if num_tokens_device is not None else None,
-            num_tokens_host=m if num_tokens is None else num_tokens,
-            sanitized_idx=sanitized.data_ptr(),
-        )
-        stream = torch.cuda.current_stream(self.device).cuda_stream
-        self.lib.check(self.lib.hep_validate_routing(self._live_handle(), ctypes.byref(args), stream),
-                       "hep_validate_routing")
-
     def attach(self, desc: BufferDesc, workspaces: list[int]) -> None:
         pointers = (ctypes.c_void_p * len(workspaces))(*workspaces)
         self.lib.check(self.lib.hep_context_attach(self._live_handle(), ctypes.byref(desc), pointers),
                        "binding the buffer's workspaces")
 
-    def dispatch(self, x, scales, topk_idx, topk_weights, num_tokens, num_tokens_device) -> None:
-        """Launch dispatch on the current stream; arguments already checked by validation.py."""
+    def dispatch(self, x, scales, topk_idx, topk_weights, num_tokens, num_tokens_device, *, half: str = "") -> None:
+        """Launch dispatch on the current stream; arguments already checked by validation.py.
+        ``half="send"``: only the send half (hep_dispatch_send)."""
         args = HepDispatchArgs(
             x=x.data_ptr(),
             scales=scales.data_ptr() if scales is not None else None,
@@ -308,12 +272,17 @@ class NativeContext:
             num_tokens_device=num_tokens_device.data_ptr() if num_tokens_device is not None else None,
             num_tokens_host=num_tokens if num_tokens is not None else 0,
         )
-        stream = torch.cuda.current_stream(self.device).cuda_stream
-        self.lib.check(self.lib.hep_dispatch(self._live_handle(), ctypes.byref(args), stream), "hep_dispatch")
+        name = "hep_dispatch_send" if half == "send" else "hep_dispatch"
+        self.lib.check(getattr(self.lib, name)(self._live_handle(), ctypes.byref(args), self._stream()), name)
+
+    def dispatch_recv(self) -> None:
+        """Launch the receive half of the pending dispatch send on the current stream."""
+        self.lib.check(self.lib.hep_dispatch_recv(self._live_handle(), self._stream()), "hep_dispatch_recv")
 
     def combine(self, y: torch.Tensor, out: torch.Tensor, num_rows: int, weighted: bool,
-                topk_idx: torch.Tensor | None = None) -> None:
+                topk_idx: torch.Tensor | None = None, *, half: str = "") -> None:
         """Launch combine on the current stream for the latest dispatch; arguments already checked.
+        ``half="send"``: only the send half (hep_combine_send).
 
         ``topk_idx`` ``[num_rows, K]`` (contiguous, on this device): the routing the combine
         is for. If its rows ``t < n`` (sanitized) differ from the latest dispatch's, the
@@ -324,8 +293,15 @@ class NativeContext:
                               topk_idx=topk_idx.data_ptr() if topk_idx is not None else None,
                               idx_dtype=HEP_INDEX_INT64 if topk_idx is not None and topk_idx.dtype == torch.int64
                               else HEP_INDEX_INT32)
-        stream = torch.cuda.current_stream(self.device).cuda_stream
-        self.lib.check(self.lib.hep_combine(self._live_handle(), ctypes.byref(args), stream), "hep_combine")
+        name = "hep_combine_send" if half == "send" else "hep_combine"
+        self.lib.check(getattr(self.lib, name)(self._live_handle(), ctypes.byref(args), self._stream()), name)
+
+    def combine_recv(self) -> None:
+        """Launch the receive half of the pending combine send on the current stream."""
+        self.lib.check(self.lib.hep_combine_recv(self._live_handle(), self._stream()), "hep_combine_recv")
+
+    def _stream(self) -> int:
+        return torch.cuda.current_stream(self.device).cuda_stream
 
     def get_tuning(self) -> dict[str, int]:
         tuning = Tuning()

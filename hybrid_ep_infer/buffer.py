@@ -22,6 +22,7 @@ from .validation import check_combine_args, check_dispatch_args
 
 BACKENDS = ("auto", "cuda", "reference")
 DEFAULT_TIMEOUT_S = 100.0
+LOW_LATENCY_MAX_TOKENS = 1024  # the default builds the low-latency dispatch up to this max_tokens
 
 _buffer_ids = itertools.count(1)
 # Live buffers by id: how the custom ops (ops.py) reach a buffer without passing a
@@ -113,6 +114,10 @@ class EPBuffer:
             raises ``ValueError``. Dispatch's planning kernels use at most as many
             blocks, except the routing publish (16 blocks, which wait for nobody).
         timeout_s: bound on every wait for a peer (CUDA backend).
+        low_latency: CUDA backend: also build the low-latency dispatch (rows go to
+            staging slots on their destinations before any plan; one kernel) and use
+            it. Costs ``2 * W * max_tokens`` staged rows per rank. ``None``: on when
+            ``max_tokens <= 1024``.
         tune: CUDA backend: time a few splits of the copy kernels' warps, chunk sizes
             and copy methods on synthetic routing of this shape at construction and
             keep the fastest
@@ -143,6 +148,7 @@ class EPBuffer:
         backend: str = "auto",
         device: torch.device | str | None = None,
         debug: bool = False,
+        low_latency: bool | None = None,
     ):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("EPBuffer needs torch.distributed to be initialized (init_process_group)")
@@ -171,7 +177,10 @@ class EPBuffer:
                 raise RuntimeError(f"backend='cuda' is not available: {reason}. Use backend='reference'.")
         self.device = _resolve_device(device, backend, group)
         if backend == "cuda":
-            self._backend = CudaBackend(self.config, group, self.device, num_sms, self.timeout_s, tune=bool(tune))
+            if low_latency is None:
+                low_latency = max_tokens <= LOW_LATENCY_MAX_TOKENS
+            self._backend = CudaBackend(self.config, group, self.device, num_sms, self.timeout_s, tune=bool(tune),
+                                        low_latency=bool(low_latency))
             self.num_sms = self._backend.desc.num_sms  # as fitted to the ranks that share this GPU
         else:
             self._backend = ReferenceBackend(self.config, group, self.device)

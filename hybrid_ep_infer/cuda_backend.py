@@ -22,7 +22,7 @@ class CudaBackend:
     name = "cuda"
 
     def __init__(self, config: BufferConfig, group, device: torch.device, num_sms: int | None, timeout_s: float,
-                 tune: bool = True):
+                 tune: bool = True, low_latency: bool = False):
         if device.type != "cuda":
             raise ValueError(f"the CUDA backend needs a CUDA device, got {device}")
         self.config = config
@@ -39,7 +39,7 @@ class CudaBackend:
             world_size=c.world_size, hidden=c.hidden, max_tokens=c.max_tokens, num_experts=c.num_experts,
             top_k=c.top_k, payload_bytes=torch.empty((), dtype=c.dtype).element_size(), has_scales=int(c.is_fp8),
             layout=0 if c.layout == CONTIGUOUS else 1, pad_multiple=c.pad_multiple, capacity=c.capacity,
-            num_sms=num_sms, timeout_ns=int(timeout_s * 1e9))
+            num_sms=num_sms, timeout_ns=int(timeout_s * 1e9), low_latency=int(low_latency))
         self.layout = _native.workspace_layout(self.desc)
         self.output_copies = 0  # dispatches that had to copy into a compiler's functional outputs
         self.context = _native.NativeContext(device)

@@ -225,25 +225,31 @@ __device__ bool gather_tokens(const CombineParams& p, uint64_t combine, int warp
   return true;
 }
 
-// Both roles in one kernel, so the sums on the source overlap the transfer of partials.
+// Both roles in one kernel, so the sums on the source overlap the transfer of partials;
+// or one role per launch (the split halves).
 __global__ void __launch_bounds__(kThreads) combine_kernel(const __grid_constant__ CombineParams p) {
   const Sizes& s = p.sizes;
   const int W = s.world;
   const uint64_t combine = current_combine(p);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  // Partials alternate between two halves by combine parity: before writing this half
-  // on a source, that source must have finished reading it (its combine - 2). Nearly
-  // always true on arrival; it matters when a rank has nothing to wait for (n = 0).
-  bool ok = block_wait_all_peers(at<uint64_t>(p.local, p.off.combine_done), W, combine >= 2 ? combine - 2 : 0,
-                                 wait_context(p), kPhaseCombinePartials);
+  bool ok = true;
+  if (p.roles & kCombineReduce) {
+    // Partials alternate between two halves by combine parity: before writing this half
+    // on a source, that source must have finished reading it (its combine - 2). Nearly
+    // always true on arrival; it matters when a rank has nothing to wait for (n = 0).
+    ok = block_wait_all_peers(at<uint64_t>(p.local, p.off.combine_done), W, combine >= 2 ? combine - 2 : 0,
+                              wait_context(p), kPhaseCombinePartials);
+  }
   if (ok) {
-    const int reduce_warps = p.reduce_warps, gather_warps = kWarps - reduce_warps;
+    const int reduce_warps = p.roles == kCombineBoth ? p.reduce_warps : p.roles == kCombineReduce ? kWarps : 0;
+    const int gather_warps = kWarps - reduce_warps;
     if (warp < reduce_warps) {
       reduce_tokens(p, combine, blockIdx.x * reduce_warps + warp, gridDim.x * reduce_warps, lane);
     } else {
       ok = gather_tokens(p, combine, blockIdx.x * gather_warps + warp - reduce_warps, gridDim.x * gather_warps, lane);
     }
   }
+  if (!(p.roles & kCombineGather)) return;  // the send half: the receive half ends the call
 
   // End of the call: the last block advances the combine count and tells every peer
   // that this rank is done with this half of its partials.

@@ -1,4 +1,5 @@
-// Combine with fused unpermute (docs/SPEC.md section 4): one kernel, two warp roles.
+// Combine with fused unpermute (docs/SPEC.md section 4): one kernel, two warp roles (or,
+// split into a send and a receive half, one launch per role).
 //
 //   reduce   on each destination, per received token: the fp32 sum over ascending k
 //            of fp32(w * y) (or fp32(y)), separate multiply and add, rounded once to
@@ -30,6 +31,14 @@
 
 namespace hep {
 
+// Which roles a launch runs: both (hep_combine), or one per half (hep_combine_send runs
+// the reducers, hep_combine_recv the gatherers and the end of the call).
+enum CombineRoles : int32_t {
+  kCombineReduce = 1,
+  kCombineGather = 2,
+  kCombineBoth = kCombineReduce | kCombineGather,
+};
+
 struct CombineParams {
   Sizes sizes;
   WorkspaceOffsets off;
@@ -40,6 +49,7 @@ struct CombineParams {
   int32_t blocks;       // blocks of the combine kernel (at most one per SM)
   int32_t reduce_warps; // warps per block that reduce (the rest gather), from the tuning
   int32_t chunk_tokens; // consecutive tokens per reducer flag release, from the tuning
+  int32_t roles;        // CombineRoles
 
   const void* y;        // expert outputs in the dispatch layout, bf16 [slots, H]
   void* out;            // [num_rows, H] bf16

@@ -18,6 +18,7 @@
 #include "common/ptx.cuh"
 #include "common/tma.cuh"
 #include "common/wait.cuh"
+#include "common/warp_copy.cuh"
 #include "kernels/dispatch.cuh"
 
 namespace hep {
@@ -35,28 +36,6 @@ constexpr int kExpandUnroll = 8;
 // goes to. 16 warps x 2 x 7 KB (+ barriers) = 229,632 bytes fit in a block's 227 KB.
 constexpr int kStages = 2;
 constexpr int kStageBytes = 7168;
-
-// Copies `bytes` (a multiple of 16) from src to dst with the calling warp.
-template <bool kSourceReadOnly, int kUnroll>
-__device__ __forceinline__ void warp_copy(char* dst, const char* src, int64_t bytes, int lane) {
-  const int64_t vectors = bytes / 16;
-  int4* d = reinterpret_cast<int4*>(dst);
-  const int4* s = reinterpret_cast<const int4*>(src);
-  int64_t v = lane;
-  for (; v + 32 * (kUnroll - 1) < vectors; v += 32 * kUnroll) {
-    int4 buf[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) buf[u] = kSourceReadOnly ? ptx::ld_nc_v4(s + v + 32 * u) : ptx::ld_global_v4(s + v + 32 * u);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) ptx::st_global_v4(d + v + 32 * u, buf[u]);
-  }
-  for (; v < vectors; v += 32) ptx::st_global_v4(d + v, kSourceReadOnly ? ptx::ld_nc_v4(s + v) : ptx::ld_global_v4(s + v));
-}
-
-// Copies `words` 4-byte words (FP8 scale rows: H/128 of them, not always a multiple of 4).
-__device__ __forceinline__ void warp_copy_words(float* dst, const float* src, int64_t words, int lane) {
-  for (int64_t i = lane; i < words; i += 32) dst[i] = src[i];
-}
 
 // Chunks c = warp, warp + warps, ... of this rank's tokens: one NVLink write per token
 // and destination with a row of it, destinations rotated from rank + 1 so the ranks'

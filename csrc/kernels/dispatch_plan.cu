@@ -5,6 +5,7 @@
 #include "common/ptx.cuh"
 #include "common/wait.cuh"
 #include "kernels/dispatch.cuh"
+#include "kernels/placement.cuh"
 #include "kernels/routing_rules.cuh"
 
 namespace hep {
@@ -215,59 +216,6 @@ static int scan_warps_that_fit(int num_experts) {
 constexpr int kPlaceThreads = 256;
 constexpr int kPlaceBatch = 8;  // routing slots of a token whose loads are issued together
 
-// What every block of place needs from the histogram, in shared memory:
-//   written [W*L]      rows written per (destination, local expert) (capacity applied in
-//                      expert order, docs/SPEC.md section 3)
-//   offsets [W*(L+1)]  first row of each of them (contiguous layout)
-//   before_here [W*L]  rows of this rank's local expert e from sources before src
-//   before_mine [E]    rows of expert g from sources before this rank
-// (then each thread's first_sent [W], see place_kernel).
-// One thread per expert sums its column of hist (the sums are independent, so the
-// loads overlap), then one thread per destination lays its experts out from those
-// totals in shared memory.
-__device__ void compute_placement(const DispatchParams& p, int32_t* written, int32_t* offsets, int32_t* before_here,
-                                  int32_t* before_mine) {
-  const Sizes& s = p.sizes;
-  const int L = s.local_experts;
-  const int32_t* hist = at<const int32_t>(p.local, p.off.hist);
-  for (int g = threadIdx.x; g < s.num_experts; g += blockDim.x) {
-    const bool local = g / L == s.rank;
-    int32_t rows = 0;
-    for (int src = 0; src < s.world; ++src) {
-      if (src == s.rank) before_mine[g] = rows;
-      if (local) before_here[src * L + g % L] = rows;
-      rows += hist[(int64_t)src * s.num_experts + g];
-    }
-    written[g] = rows;  // all rows of expert g = (g / L, g % L); capacity applied below
-  }
-  __syncthreads();
-  for (int r = threadIdx.x; r < s.world; r += blockDim.x) {
-    int32_t offset = 0;
-    for (int e = 0; e < L; ++e) {
-      const int32_t rows = written[r * L + e];
-      int32_t fit;
-      if (s.batched) {
-        fit = min(rows, s.capacity);
-      } else {
-        fit = min(rows, max(s.capacity - offset, 0));
-        offsets[r * (L + 1) + e] = offset;
-        offset += (fit + s.pad_multiple - 1) / s.pad_multiple * s.pad_multiple;
-      }
-      written[r * L + e] = fit;
-    }
-    if (!s.batched) offsets[r * (L + 1) + L] = offset;
-  }
-  __syncthreads();
-}
-
-// Row slot of rank-in-expert j of local expert e on destination r, or -1 if dropped.
-__device__ __forceinline__ int32_t row_slot(const Sizes& s, const int32_t* written, const int32_t* offsets, int r,
-                                            int e, int32_t j) {
-  const int L = s.local_experts;
-  if (j >= written[r * L + e]) return -1;
-  return s.batched ? e * s.capacity + j : offsets[r * (L + 1) + e] + j;
-}
-
 // Grid-stride over (source, token) pairs: for this rank's own tokens, the row on every
 // destination to send to; for every source's tokens, this rank's rows, weights and
 // row_expert. Block 0 also writes counts, offsets and zero padding.
@@ -284,7 +232,7 @@ __global__ void __launch_bounds__(kPlaceThreads) place_kernel(const __grid_const
   int32_t* before_here = offsets + W * (L + 1);   // [W * L]
   int32_t* before_mine = before_here + W * L;     // [E]
   int32_t* first_sent = before_mine + s.num_experts + threadIdx.x * W;  // [W] per thread
-  compute_placement(p, written, offsets, before_here, before_mine);
+  compute_placement(s, at<const int32_t>(p.local, p.off.hist), written, offsets, before_here, before_mine);
 
   const int32_t* prefix = at<const int32_t>(p.local, p.off.prefix);
   int32_t* send_row = at<int32_t>(p.local, p.off.send_row);

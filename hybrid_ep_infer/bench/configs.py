@@ -29,7 +29,9 @@ CONFIGS = {
 }
 
 # What a run can time (--ops), each eager and graph-replayed.
-OPS = ("dispatch", "combine", "round_trip", "layer")
+# dispatch_split / combine_split (CUDA, low-latency buffers): send, 50 us of other work on the
+# stream, receive, graph-replayed; recorded with "other", the work alone.
+OPS = ("dispatch", "combine", "round_trip", "layer", "dispatch_split", "combine_split")
 
 GPU_DEFAULT = ("prefill-7168", "qwen-2048", "mixtral-4096", "decode")
 CPU_DEFAULT = ("tiny",)

@@ -113,7 +113,7 @@ def write_plot(records: list[dict], meta: dict, path: str) -> None:
     if not panels:
         raise RuntimeError("nothing to plot: no measured series")
     rows = list(dict.fromkeys(k[:3] for k in panels))
-    cols = [op for op in OPS if any(k[3] == op for k in panels)]
+    cols = [op for op in (*OPS, "other") if any(k[3] == op for k in panels)]
     ceiling = max((r["gbps_per_direction"] for r in records if r["config"] == "nvlink"), default=None)
     fig, axes = plt.subplots(len(rows), len(cols), figsize=(4.6 * len(cols), 3.4 * len(rows) + 0.6), squeeze=False)
     for i, (config, dtype, routing) in enumerate(rows):

@@ -29,7 +29,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct or signature below changes; Python checks it at load. */
-#define HEP_API_VERSION 4
+#define HEP_API_VERSION 5
 
 typedef enum hep_status {
   HEP_SUCCESS = 0,
@@ -55,18 +55,6 @@ typedef struct hep_context_config {
 
 typedef struct hep_context hep_context_t; /* opaque */
 
-/* Arguments of hep_validate_routing. Tensors are row-major and contiguous. */
-typedef struct hep_validate_routing_args {
-  const void* topk_idx;              /* [num_rows, top_k], int32 or int64 (idx_dtype) */
-  hep_index_dtype_t idx_dtype;
-  int32_t num_rows;                  /* m: rows allocated in topk_idx */
-  int32_t top_k;                     /* K */
-  int32_t num_experts;               /* E: valid ids are [0, E); -1 means "no expert" */
-  const int32_t* num_tokens_device;  /* n on the device (1 element) or NULL */
-  int32_t num_tokens_host;           /* n when num_tokens_device is NULL; 0 <= n <= m */
-  int32_t* sanitized_idx;            /* out [num_rows, top_k] int32 */
-} hep_validate_routing_args_t;
-
 typedef enum hep_layout {
   HEP_LAYOUT_CONTIGUOUS = 0, /* hidden [capacity, H], per-expert offsets */
   HEP_LAYOUT_BATCHED = 1,    /* hidden [L, capacity, H] */
@@ -89,6 +77,9 @@ typedef struct hep_buffer_desc {
   int32_t capacity;     /* contiguous: total rows; batched: rows per expert */
   int32_t num_sms;      /* blocks of the copy kernels; fixed for the buffer's life */
   uint64_t timeout_ns;  /* bound on every wait for a peer */
+  /* 1: the buffer also has the low-latency dispatch (hep_dispatch_path_t) and the
+   * split halves; costs 2 * W * max_tokens staged rows per rank. 0: neither. */
+  int32_t low_latency;
 } hep_buffer_desc_t;
 
 /* Byte offsets of each region inside one rank's workspace (same on every rank).
@@ -104,7 +95,20 @@ typedef struct hep_workspace_layout {
   size_t combine_out;       /* [T_max, H] bf16 */
 } hep_workspace_layout_t;
 
-/* Arguments of hep_dispatch; tensors row-major and contiguous on the context's device. */
+/* How hep_dispatch moves rows (hep_tuning_t::dispatch_path); every path gives the
+ * same results bit for bit.
+ *   PLANNED      routing exchange, then a global plan, then each row straight to its
+ *                final rows on every destination (four kernels; best for large batches).
+ *   LOW_LATENCY  each row goes to a staging slot on its destinations at once, before any
+ *                plan; each destination then places its rows locally (one kernel; needs
+ *                a buffer with low_latency = 1). */
+typedef enum hep_dispatch_path {
+  HEP_DISPATCH_PLANNED = 0,
+  HEP_DISPATCH_LOW_LATENCY = 1,
+} hep_dispatch_path_t;
+
+/* Arguments of hep_dispatch and hep_dispatch_send; tensors row-major and contiguous on
+ * the context's device. */
 typedef struct hep_dispatch_args {
   const void* x;                     /* [m, H] payload */
   const float* scales;               /* [m, H/128] fp32 (FP8) or NULL */
@@ -145,6 +149,7 @@ typedef struct hep_tuning {
   int32_t combine_chunk_tokens;  /* consecutive tokens a reducer warp sums per flag release, >= 1 */
   int32_t dispatch_expand_tma;   /* 1: the per-expert copies go through the bulk copy engine; 0: warp copies */
   int32_t dispatch_send_tma;     /* 1: the NVLink writes go through the bulk copy engine; 0: warp copies */
+  int32_t dispatch_path;         /* hep_dispatch_path_t of hep_dispatch (the send half is always LOW_LATENCY) */
 } hep_tuning_t;
 
 HEP_API int hep_api_version(void);
@@ -188,14 +193,21 @@ HEP_API hep_status_t hep_dispatch(hep_context_t* context, const hep_dispatch_arg
  * check in hep_combine_args_t). A collective. */
 HEP_API hep_status_t hep_combine(hep_context_t* context, const hep_combine_args_t* args, uint64_t stream);
 
-/* docs/SPEC.md section 6 routing validation, on the device: writes sanitized_idx with
- * every id that is kept, and -1 for "no expert", ids outside [-1, E), an id
- * repeated within its row (the first occurrence is kept) and every row >= n.
- * Rows >= n of topk_idx are never read. A device n outside [0, m] counts as
- * HEP_ERROR_BAD_NUM_TOKENS and is treated as 0. Counts go to the context's
- * error block. Asynchronous on `stream`; never synchronizes the host. */
-HEP_API hep_status_t hep_validate_routing(hep_context_t* context, const hep_validate_routing_args_t* args,
-                                          uint64_t stream);
+/* Split halves, so that other work can run on the stream in between (for example
+ * another micro-batch's experts). hep_dispatch_send + hep_dispatch_recv equals
+ * hep_dispatch on the LOW_LATENCY path (the buffer needs low_latency = 1); hep_combine_send + hep_combine_recv equals
+ * hep_combine. A send half waits for no peer: it writes this rank's routing and rows
+ * (or partials) into its peers' workspaces and returns; the receive half waits for the
+ * peers' and completes the op. Both are collectives, asynchronous on their stream, and
+ * capturable in CUDA graphs. At most one half is pending per context: a send while one
+ * is pending, a receive with none (or of the other op), and hep_dispatch/hep_combine
+ * while one is pending are refused with HEP_INVALID_ARGUMENT. The inputs of a send may
+ * be overwritten (in stream order) once it is enqueued; a dispatch's outputs and a
+ * combine's `out` are complete after the receive. */
+HEP_API hep_status_t hep_dispatch_send(hep_context_t* context, const hep_dispatch_args_t* args, uint64_t stream);
+HEP_API hep_status_t hep_dispatch_recv(hep_context_t* context, uint64_t stream);
+HEP_API hep_status_t hep_combine_send(hep_context_t* context, const hep_combine_args_t* args, uint64_t stream);
+HEP_API hep_status_t hep_combine_recv(hep_context_t* context, uint64_t stream);
 
 #ifdef __cplusplus
 }

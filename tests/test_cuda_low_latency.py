@@ -1,0 +1,238 @@
+"""The low-latency dispatch and the split send/receive halves on the GPU, bit for bit
+against the reference backend: every path (planned, low-latency in one launch, and the
+two halves) over layouts, dtypes, routings, capacity and n; paths mixed on one buffer;
+the halves captured in a CUDA graph with other work between them; a missing peer.
+
+Each check's failure names the check, the path and the case.
+"""
+
+import dataclasses
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from hybrid_ep_infer import PeerTimeoutError, mapped_peer_buffers
+from hybrid_ep_infer._native import NativeError
+from hybrid_ep_infer.validation import check_dispatch_args
+
+from dist_utils import gpu_world_sizes, rank_device, spawn_gpu
+from gpu_helpers import assert_dispatch_equal, assert_same_errors, dispatch, make_buffer, poison, to_device
+from moe_cases import Case, bits_equal, experts_on_dispatch_output, make_inputs
+
+PLANNED, LOW_LATENCY = 0, 1  # hep_dispatch_path_t
+PATHS = ("planned", "low_latency", "split")
+
+
+def use_path(buf, path: str) -> None:
+    buf._backend.context.set_tuning(dispatch_path=PLANNED if path == "planned" else LOW_LATENCY)
+
+
+def run_dispatch(buf, inp, path: str, num_tokens="int"):
+    """Dispatch on `path`; returns the buffer's outputs (what DispatchResult views)."""
+    use_path(buf, path)
+    if path != "split":
+        return dispatch(buf, inp, num_tokens)
+    n = inp.num_tokens if num_tokens != "device" else torch.tensor([inp.num_tokens], dtype=torch.int32,
+                                                                     device=inp.x.device)
+    args = check_dispatch_args(buf.config, buf.device, inp.x, inp.topk_idx, inp.topk_weights, inp.scales, n)
+    context = buf._backend.context
+    context.dispatch(args.x, args.scales, args.topk_idx, args.topk_weights, args.num_tokens, args.num_tokens_device,
+                     half="send")
+    context.dispatch_recv()
+    return buf._backend.outputs
+
+
+def run_combine(buf, y, num_rows: int, split: bool, weighted: bool = True) -> torch.Tensor:
+    out = torch.full((num_rows, buf.config.hidden), float("nan"), dtype=torch.bfloat16, device=buf.device)
+    context = buf._backend.context
+    if split:
+        context.combine(y, out, num_rows, weighted, half="send")
+        context.combine_recv()
+    else:
+        context.combine(y, out, num_rows, weighted)
+    return out
+
+
+def check_paths(rank: int, case: Case, num_tokens: str = "int", **buffer_kw) -> None:
+    device = rank_device(rank)
+    inp = to_device(make_inputs(case)[rank], device)
+    m = inp.x.shape[0]
+    with make_buffer(case, "cuda", low_latency=True, **buffer_kw) as cud, \
+            make_buffer(case, "reference", device=device) as ref:
+        want = dispatch(ref, inp, "int")
+        want_out = {w: ref.combine(experts_on_dispatch_output(want, rank, case.num_local_experts), want.handle,
+                                   weighted=w) for w in (True, False)}
+        y = experts_on_dispatch_output(want, rank, case.num_local_experts)
+        torch.cuda.synchronize()
+        for path in PATHS:
+            for attempt in range(2):  # the second call checks that a call leaves nothing stale behind
+                what = f"dispatch on path {path}, rank {rank}, call {attempt}, {case}"
+                poison(cud)
+                got = run_dispatch(cud, inp, path, num_tokens)
+                torch.cuda.synchronize()
+                assert_dispatch_equal(got, want, what)
+                for weighted in (True, False):
+                    out = run_combine(cud, y, m, split=path == "split", weighted=weighted)
+                    torch.cuda.synchronize()
+                    assert bits_equal(out, want_out[weighted]), f"combine (weighted={weighted}) after {what}"
+                # the reference made one dispatch and two combines: repeat its counts per call
+                got_errors = cud._backend.take_errors()
+                if attempt == 0 and path == "planned":
+                    ref_errors = ref._backend.take_errors()
+                assert got_errors.counts == ref_errors.counts, f"error counts after {what}: {got_errors.counts} " \
+                                                               f"!= reference {ref_errors.counts}"
+
+
+def check_mixed_paths(rank: int, world_size: int, steps: int) -> None:
+    """One buffer, the paths in turn with fresh routing each step, each followed by a
+    one-call or a split combine: every transition leaves nothing stale."""
+    device = rank_device(rank)
+    base = Case(world_size=world_size, hidden=1024, max_tokens=96, num_experts=4 * world_size, top_k=4,
+                pad_multiple=8)
+    with make_buffer(base, "cuda", low_latency=True) as cud, make_buffer(base, "reference", device=device) as ref:
+        routings = ("random", "skewed", "masked", "ragged", "empty_rank", "invalid", "repeated")
+        for step in range(steps):
+            case = dataclasses.replace(base, routing=routings[step % len(routings)], seed=500 + step)
+            inp = to_device(make_inputs(case)[rank], device)
+            path = PATHS[(step * 7 + step // 3) % 3]  # every ordered pair of paths occurs
+            what = f"mixed paths step {step} ({path}, {case.routing}), rank {rank}"
+            poison(cud)
+            got = run_dispatch(cud, inp, path, ("int", "device")[step % 2])
+            want = dispatch(ref, inp, "int")
+            torch.cuda.synchronize()
+            assert_dispatch_equal(got, want, what)
+            y = experts_on_dispatch_output(want, rank, case.num_local_experts)
+            out = run_combine(cud, y, inp.x.shape[0], split=step % 2 == 1)
+            want_out = ref.combine(y, want.handle)
+            torch.cuda.synchronize()
+            assert bits_equal(out, want_out), f"combine after {what}"
+            assert_same_errors(cud, ref, what)
+
+
+def run_split_graph(rank: int, world_size: int, replays: int) -> None:
+    """Send, other work, receive (dispatch and combine) captured in one CUDA graph;
+    replays with fresh inputs and n equal the reference bit for bit."""
+    device = rank_device(rank)
+    case = Case(world_size=world_size, hidden=2048, max_tokens=64, num_experts=8 * world_size, top_k=8)
+    T, H, K, L = case.max_tokens, case.hidden, case.top_k, case.num_local_experts
+    x = torch.empty(T, H, dtype=torch.bfloat16, device=device)
+    idx = torch.empty(T, K, dtype=torch.int64, device=device)
+    weights = torch.empty(T, K, device=device)
+    n = torch.empty(1, dtype=torch.int32, device=device)
+    out = torch.empty(T, H, dtype=torch.bfloat16, device=device)
+    a = torch.randn(512, 512, device=device)
+    other = torch.empty(512, 512, device=device)
+
+    def load(seed: int, routing: str) -> int:
+        inp = make_inputs(dataclasses.replace(case, routing=routing, seed=seed))[rank]
+        m = inp.x.shape[0]
+        x.normal_()
+        idx.fill_(-1)
+        x[:m], idx[:m], weights[:m] = inp.x, inp.topk_idx, inp.topk_weights
+        n.fill_(inp.num_tokens)
+        return inp.num_tokens
+
+    def layer(buf):
+        args = check_dispatch_args(buf.config, buf.device, x, idx, weights, None, n)
+        context = buf._backend.context
+        context.dispatch(args.x, None, args.topk_idx, args.topk_weights, None, args.num_tokens_device, half="send")
+        torch.mm(a, a, out=other)  # work between the halves
+        context.dispatch_recv()
+        y = experts_on_dispatch_output(buf._backend.outputs, rank, L)
+        context.combine(y, out, T, True, half="send")
+        torch.mm(a, a, out=other)
+        context.combine_recv()
+
+    with make_buffer(case, "cuda", low_latency=True) as cud, make_buffer(case, "reference", device=device) as ref:
+        load(0, "random")
+        layer(cud)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            layer(cud)
+        routings = ("order", "random", "masked", "invalid", "repeated", "empty_rank", "ragged", "skewed")
+        for i in range(replays):
+            count = load(9000 + i, routings[i % len(routings)])
+            out.fill_(float("nan"))
+            graph.replay()
+            got = out.clone()
+            want_d = ref.dispatch(x, idx, weights, num_tokens=count)
+            want = ref.combine(experts_on_dispatch_output(want_d, rank, L), want_d.handle)
+            torch.cuda.synchronize()
+            assert bits_equal(got, want), f"split halves in a graph: replay {i} ({routings[i % len(routings)]}), " \
+                                          f"rank {rank}"
+
+
+def check_pending_rules(rank: int, world_size: int) -> None:
+    """Out-of-order halves are refused on the host, before any launch (so this is safe
+    to run on one rank's schedule)."""
+    case = Case(world_size=world_size, hidden=256, max_tokens=16, num_experts=2 * world_size, top_k=2)
+    with make_buffer(case, "cuda", low_latency=True) as cud:
+        context = cud._backend.context
+        with pytest.raises(NativeError, match="no hep_dispatch_send is pending"):
+            context.dispatch_recv()
+        with pytest.raises(NativeError, match="no hep_combine_send is pending"):
+            context.combine_recv()
+    with make_buffer(case, "cuda", low_latency=False) as cud:
+        with pytest.raises(NativeError, match="low_latency"):
+            use_path(cud, "low_latency")
+
+
+def run_missing_peer(rank: int, world_size: int, path: str) -> None:
+    """Rank 0 dispatches alone on the low-latency path (or its halves): it raises a
+    timeout naming the routing phase and a missing peer within the bound."""
+    device = rank_device(rank)
+    case = Case(world_size=world_size, hidden=1024, max_tokens=32, num_experts=2 * world_size, top_k=2, seed=9)
+    inp = to_device(make_inputs(case)[rank], device)
+    buf = make_buffer(case, "cuda", timeout_s=2.0, low_latency=True)
+    run_dispatch(buf, inp, path)  # every rank: a normal call first
+    torch.cuda.synchronize()
+    buf.check_errors()
+    dist.barrier()
+    if rank == 0:
+        start = time.monotonic()
+        run_dispatch(buf, inp, path)  # the others never make this call
+        with pytest.raises(PeerTimeoutError) as info:
+            buf.check_errors(synchronize=True)
+        elapsed = time.monotonic() - start
+        assert 1.5 <= elapsed <= 30, f"missing peer ({path}): timed out after {elapsed:.1f} s"
+        assert info.value.peer != 0 and "routing" in info.value.phase, f"missing peer ({path}): {info.value}"
+    dist.barrier()
+    buf.close()
+
+
+def cases(world_size: int) -> list[Case]:
+    base = Case(world_size=world_size, hidden=2048, max_tokens=128, num_experts=8 * world_size, top_k=8)
+    return [
+        dataclasses.replace(base, routing="random", pad_multiple=16, seed=1),
+        dataclasses.replace(base, layout="batched", routing="masked", seed=2),
+        dataclasses.replace(base, dtype=torch.float8_e4m3fn, routing="invalid", seed=3),
+        dataclasses.replace(base, dtype=torch.uint8, layout="batched", routing="repeated", seed=4),
+        dataclasses.replace(base, routing="ragged", idx_dtype=torch.int32, seed=5),
+        dataclasses.replace(base, routing="empty_rank", max_tokens=40, seed=6),
+        dataclasses.replace(base, routing="skewed", capacity=32 * world_size, pad_multiple=8, seed=7),  # overflow
+        dataclasses.replace(base, layout="batched", capacity=20, routing="skewed", seed=8),
+        dataclasses.replace(base, hidden=640, dtype=torch.float8_e4m3fn, num_experts=4 * world_size, top_k=3,
+                            routing="order", seed=10),
+    ]
+
+
+def smoke_worker(rank: int, world_size: int) -> None:
+    for i, case in enumerate(cases(world_size)):
+        check_paths(rank, case, ("int", "device", "default")[i % 3])
+    one_block = dataclasses.replace(cases(world_size)[0], max_tokens=300, routing="skewed", seed=11)
+    check_paths(rank, one_block, "device", num_sms=1)
+    check_mixed_paths(rank, world_size, steps=21)
+    run_split_graph(rank, world_size, replays=40)
+    check_pending_rules(rank, world_size)
+    for path in ("low_latency", "split"):
+        run_missing_peer(rank, world_size, path)
+    assert mapped_peer_buffers() == 0, "closed buffers left peer mappings behind"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world_size", gpu_world_sizes((2,)))
+def test_low_latency_smoke(world_size):
+    spawn_gpu(world_size, smoke_worker)
