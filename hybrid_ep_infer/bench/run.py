@@ -171,6 +171,8 @@ def run_case(cfg: BenchConfig, dtype_name: str, routing: str, n: int, timer: Tim
 
         base_ops = {"dispatch": b_dispatch, "combine": b_combine, "round_trip": b_round_trip, "layer": b_layer}
         for op in args.ops:
+            if op in SPLIT_OPS:  # the baselines have no halves
+                continue
             record(op, base.impl, "eager", timer.measure(base_ops[op]), None)
             if base.graphable:
                 record(op, base.impl, "graph", timer.measure_graph(base_ops[op]), None)
