@@ -45,19 +45,6 @@ class ContextConfig(ctypes.Structure):
     _fields_ = [("size", ctypes.c_size_t), ("version", ctypes.c_uint32), ("device", ctypes.c_int32)]
 
 
-class ValidateRoutingArgs(ctypes.Structure):
-    _fields_ = [
-        ("topk_idx", ctypes.c_void_p),
-        ("idx_dtype", ctypes.c_int),
-        ("num_rows", ctypes.c_int32),
-        ("top_k", ctypes.c_int32),
-        ("num_experts", ctypes.c_int32),
-        ("num_tokens_device", ctypes.c_void_p),
-        ("num_tokens_host", ctypes.c_int32),
-        ("sanitized_idx", ctypes.c_void_p),
-    ]
-
-
 class BufferDesc(ctypes.Structure):
     _fields_ = [
         ("size", ctypes.c_size_t),
@@ -125,7 +112,6 @@ _SIGNATURES = {
     "hep_context_destroy": (ctypes.c_int, [ctypes.c_void_p]),
     "hep_context_take_errors": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ErrorBlock)]),
     "hep_context_error_block": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]),
-    "hep_validate_routing": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ValidateRoutingArgs), ctypes.c_uint64]),
     "hep_workspace_layout": (ctypes.c_int, [ctypes.POINTER(BufferDesc), ctypes.POINTER(WorkspaceLayout)]),
     "hep_context_attach": (ctypes.c_int,
                            [ctypes.c_void_p, ctypes.POINTER(BufferDesc), ctypes.POINTER(ctypes.c_void_p)]),
@@ -261,35 +247,6 @@ class NativeContext:
         self.lib.check(self.lib.hep_context_take_errors(self._live_handle(), ctypes.byref(block)),
                        "reading the error block")
         return ErrorSnapshot.from_words(block.words)
-
-    def validate_routing(self, topk_idx: torch.Tensor, num_experts: int, sanitized: torch.Tensor,
-                         num_tokens: int | None = None, num_tokens_device: torch.Tensor | None = None) -> None:
-        """Launch the routing validation kernel on the current stream (asynchronous).
-
-        ``topk_idx`` ``[m, K]`` int32/int64 and ``sanitized`` ``[m, K]`` int32, both
-        contiguous on this context's device; n comes from ``num_tokens_device`` (a
-        1-element int32 tensor) if given, else ``num_tokens`` (default m).
-        """
-        for name, t, dtypes in (("topk_idx", topk_idx, (torch.int32, torch.int64)),
-                                ("sanitized", sanitized, (torch.int32,))):
-            if t.dtype not in dtypes or t.device != self.device or not t.is_contiguous() or t.dim() != 2:
-                raise ValueError(f"{name} must be a contiguous 2-D {dtypes} tensor on {self.device}")
-        if sanitized.shape != topk_idx.shape:
-            raise ValueError(f"sanitized must have shape {list(topk_idx.shape)}, got {list(sanitized.shape)}")
-        m, top_k = topk_idx.shape
-        args = ValidateRoutingArgs(
-            topk_idx=topk_idx.data_ptr(),
-            idx_dtype=HEP_INDEX_INT64 if topk_idx.dtype == torch.int64 else HEP_INDEX_INT32,
-            num_rows=m,
-            top_k=top_k,
-            num_experts=num_experts,
-            num_tokens_device=num_tokens_device.data_ptr() if num_tokens_device is not None else None,
-            num_tokens_host=m if num_tokens is None else num_tokens,
-            sanitized_idx=sanitized.data_ptr(),
-        )
-        stream = torch.cuda.current_stream(self.device).cuda_stream
-        self.lib.check(self.lib.hep_validate_routing(self._live_handle(), ctypes.byref(args), stream),
-                       "hep_validate_routing")
 
     def attach(self, desc: BufferDesc, workspaces: list[int]) -> None:
         pointers = (ctypes.c_void_p * len(workspaces))(*workspaces)
