@@ -14,10 +14,10 @@ import torch
 import torch.distributed as dist
 
 from . import _native
+from .backends import Backend, CudaBackend, ReferenceBackend
+from .calls import DispatchOutputs
 from .config import BufferConfig
-from .cuda_backend import CudaBackend
 from .errors import PHASE_NAMES, BufferClosedError, PeerTimeoutError, raise_for_errors
-from .reference import ReferenceBackend
 from .validation import check_combine_args, check_dispatch_args
 
 BACKENDS = ("auto", "cuda", "reference")
@@ -47,10 +47,15 @@ class DispatchHandle:
     buffer_id: int
     generation: int
     num_rows: int  # m: rows of the dispatched x, and of combine's output
-    state: object  # backend-specific (reference: where each written row came from)
+    state: object  # what Backend.dispatch returned (reference: where each written row came from)
 
 
-class DispatchResult(NamedTuple):
+# DispatchResult's fields: those of DispatchOutputs, in their order, then the handle.
+_DispatchResultFields = NamedTuple("DispatchResult", [*DispatchOutputs.__annotations__.items(),
+                                                      ("handle", "DispatchHandle | None")])
+
+
+class DispatchResult(_DispatchResultFields):
     """Dispatch output on this rank (docs/SPEC.md section 3), expert-major.
 
     Every tensor is a **view of buffer memory**, valid until the next ``dispatch``
@@ -71,16 +76,14 @@ class DispatchResult(NamedTuple):
             that is not a written row (padding and unused rows included).
         tokens_per_expert: ``[L]`` int32, rows written per local expert.
         offsets: ``[L + 1]`` int32 row offsets (contiguous layout), else ``None``.
-        handle: pass to :meth:`EPBuffer.combine`.
+        handle: pass to :meth:`EPBuffer.combine` (``None`` from :func:`ops.dispatch`).
     """
 
-    hidden: torch.Tensor
-    scales: torch.Tensor | None
-    weights: torch.Tensor
-    row_expert: torch.Tensor
-    tokens_per_expert: torch.Tensor
-    offsets: torch.Tensor | None
-    handle: DispatchHandle
+    __slots__ = ()
+
+    @classmethod
+    def from_outputs(cls, outputs: DispatchOutputs, handle: DispatchHandle | None) -> DispatchResult:
+        return cls(*outputs, handle)
 
 
 class EPBuffer:
@@ -170,6 +173,7 @@ class EPBuffer:
             if reason is not None:
                 raise RuntimeError(f"backend='cuda' is not available: {reason}. Use backend='reference'.")
         self.device = _resolve_device(device, backend, group)
+        self._backend: Backend
         if backend == "cuda":
             self._backend = CudaBackend(self.config, group, self.device, num_sms, self.timeout_s, tune=bool(tune))
             self.num_sms = self._backend.desc.num_sms  # as fitted to the ranks that share this GPU
@@ -239,12 +243,8 @@ class EPBuffer:
             :class:`DispatchResult`, views of buffer memory valid until the next
             dispatch on this buffer.
         """
-        self._check_usable()
-        args = check_dispatch_args(self.config, self.device, x, topk_idx, topk_weights, scales, num_tokens)
-        out = self._backend.outputs
-        handle = self._dispatch(args, out)
-        self._maybe_check_errors()
-        return DispatchResult(*out, handle)
+        handle = self._run_dispatch(x, topk_idx, topk_weights, scales, num_tokens, into=None)
+        return DispatchResult.from_outputs(self._backend.outputs, handle)
 
     def combine(self, y: torch.Tensor, handle: DispatchHandle, *, out: torch.Tensor | None = None,
                 weighted: bool = True) -> torch.Tensor:
@@ -270,20 +270,67 @@ class EPBuffer:
         if handle.generation != self._generation:
             raise ValueError("handle is stale: another dispatch ran on this buffer since; combine must follow its "
                              "own dispatch")
-        if not isinstance(weighted, bool):
-            raise TypeError(f"weighted must be a bool, got {type(weighted).__name__}")
-        check_combine_args(self.config, self.device, y, out, handle.num_rows)
-        result = self._backend.combine(y, handle.state, handle.num_rows, out, weighted, self._backend.weights)
-        self._maybe_check_errors()
-        return result
+        return self._run_combine(y, handle, out, weighted)
+
+    # ------------------------------------------------------------------ what the custom ops (ops.py) use
+
+    @property
+    def id(self) -> int:
+        """This buffer's id, by which the custom ops reach it (no Python object crosses a traced graph)."""
+        return self._id
+
+    @property
+    def dispatch_outputs(self) -> DispatchOutputs:
+        """The tensors every dispatch writes: views of buffer memory (what :meth:`dispatch`
+        returns, without the handle). The custom op takes them as its mutated outputs."""
+        return self._backend.outputs
+
+    def combine_output(self, num_rows: int) -> torch.Tensor:
+        """``[num_rows, H]`` bf16 view of buffer memory: combine's output when no ``out`` is given."""
+        return self._backend.combine_output(num_rows)
+
+    def dispatch_into(self, into: DispatchOutputs, x: torch.Tensor, topk_idx: torch.Tensor,
+                      topk_weights: torch.Tensor, *, scales: torch.Tensor | None = None, num_tokens=None) -> None:
+        """:meth:`dispatch` (same arguments and checks), leaving its results in ``into``: the
+        custom op's output tensors, which under torch.compile are functional copies of
+        :attr:`dispatch_outputs` rather than those views."""
+        self._run_dispatch(x, topk_idx, topk_weights, scales, num_tokens, into=into)
+
+    def combine_latest(self, y: torch.Tensor, topk_idx: torch.Tensor, dispatched: DispatchOutputs,
+                       out: torch.Tensor, *, weighted: bool = True) -> torch.Tensor:
+        """:meth:`combine` for the latest dispatch on this buffer, found without a handle.
+
+        ``topk_idx`` is the routing the caller means: if it is not the latest dispatch's, the
+        combine is stale (docs/SPEC.md section 7: zeros, counted). ``dispatched`` are the
+        dispatch outputs the custom op was given (maybe functional copies), which the
+        backend reads instead of its own.
+        """
+        self._check_usable()
+        if self._latest is None:
+            raise ValueError("combine before any dispatch on this buffer")
+        return self._run_combine(y, self._latest, out, weighted, topk_idx=topk_idx, dispatched=dispatched)
 
     # ------------------------------------------------------------------ shared by the eager API and the custom ops
 
-    def _dispatch(self, args, out) -> DispatchHandle:
-        state = self._backend.dispatch(args, out)
+    def _run_dispatch(self, x, topk_idx, topk_weights, scales, num_tokens, *,
+                      into: DispatchOutputs | None) -> DispatchHandle:
+        self._check_usable()
+        args = check_dispatch_args(self.config, self.device, x, topk_idx, topk_weights, scales, num_tokens)
+        state = self._backend.dispatch(args, into=into)
         self._generation += 1
         self._latest = DispatchHandle(self._id, self._generation, args.num_rows, state)
+        self._maybe_check_errors()
         return self._latest
+
+    def _run_combine(self, y, handle: DispatchHandle, out, weighted, *, topk_idx=None,
+                     dispatched: DispatchOutputs | None = None) -> torch.Tensor:
+        if out is None:
+            out = self._backend.combine_output(handle.num_rows)
+        args = check_combine_args(self.config, self.device, y, out, handle.num_rows, weighted, topk_idx=topk_idx,
+                                  dispatched=dispatched)
+        result = self._backend.combine(args, handle.state)
+        self._maybe_check_errors()
+        return result
 
     # ------------------------------------------------------------------ errors and lifetime
 
@@ -330,8 +377,7 @@ class EPBuffer:
             raise BufferClosedError("this EPBuffer was closed")
         if self._broken is not None:
             raise BufferClosedError(f"this EPBuffer is unusable after a timeout ({self._broken}); close it")
-        timed_out = getattr(self._backend, "timed_out", None)
-        snapshot = timed_out() if timed_out is not None else None
+        snapshot = self._backend.timed_out()
         if snapshot is not None:  # a kernel gave up waiting for a peer: refuse every call from now on
             try:
                 raise_for_errors(snapshot, rank=self.rank, num_experts=self.config.num_experts,

@@ -18,6 +18,7 @@ import statistics
 import torch
 import torch.distributed as dist
 
+from .calls import CombineArgs, DispatchArgs
 from .config import CONTIGUOUS, BufferConfig
 from .errors import PHASE_NAMES, raise_for_errors
 from .placement import collective_device
@@ -60,15 +61,16 @@ def _measure(backend, group) -> tuple[dict[str, int], list[tuple[str, tuple, flo
     config, device, context = backend.config, backend.device, backend.context
     x, scales, idx, weights = _synthetic_inputs(config, device)
     T = config.max_tokens
+    dispatch_args = DispatchArgs(x, idx, weights, scales, num_tokens=T)
 
     def dispatch():
-        context.dispatch(x, scales, idx, weights, T, None)
+        context.dispatch(dispatch_args)
 
     y = _combine_input(backend)
-    out = backend.combine_out
+    combine_args = CombineArgs(y, backend.combine_output(T), T, weighted=True) if y is not None else None
 
     def combine():
-        context.combine(y, out, T, True)
+        context.combine(combine_args)
 
     dispatch()  # warm-up, and the plan every timed combine uses
     times = [_time(lambda: context.set_tuning(**dict(zip(DISPATCH_FIELDS, candidate))), dispatch, device)

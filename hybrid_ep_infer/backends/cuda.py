@@ -11,14 +11,15 @@ import ctypes
 
 import torch
 
-from . import _native, placement, tuning
-from .config import CONTIGUOUS, BufferConfig
-from .errors import ErrorSnapshot
-from .peer_memory import PeerWorkspace
-from .validation import DispatchArgs, DispatchOutputs
+from .. import _native, placement, tuning
+from ..calls import CombineArgs, DispatchArgs, DispatchOutputs
+from ..config import CONTIGUOUS, BufferConfig
+from ..errors import ErrorSnapshot
+from ..peer_memory import PeerWorkspace
+from .base import Backend
 
 
-class CudaBackend:
+class CudaBackend(Backend):
     name = "cuda"
 
     def __init__(self, config: BufferConfig, group, device: torch.device, num_sms: int | None, timeout_s: float,
@@ -80,25 +81,28 @@ class CudaBackend:
         return DispatchOutputs(self.hidden, self.scales, self.weights, self.row_expert, self.tokens_per_expert,
                                self.offsets)
 
-    def dispatch(self, args: DispatchArgs, out: DispatchOutputs) -> None:
-        """Kernels write the workspace (peers write into it directly). Where ``out`` is
+    def combine_output(self, num_rows: int) -> torch.Tensor:
+        return self.combine_out[:num_rows]
+
+    def dispatch(self, args: DispatchArgs, *, into: DispatchOutputs | None = None) -> None:
+        """Kernels write the workspace (peers write into it directly). Where ``into`` is
         another set of tensors (a compiler's functional copies), the results are copied
-        there too."""
-        self.context.dispatch(args.x, args.scales, args.topk_idx, args.topk_weights, args.num_tokens,
-                              args.num_tokens_device)
-        for target, source in zip(out, self.outputs):
-            if target is not None and target.data_ptr() != source.data_ptr():
-                target.copy_(source)
-                self.output_copies += 1
+        there too. The plan of the dispatch stays in the workspace: no state to return."""
+        self.context.dispatch(args)
+        if into is not None:
+            for target, source in zip(into, self.outputs):
+                if target is not None and target.data_ptr() != source.data_ptr():
+                    target.copy_(source)
+                    self.output_copies += 1
         return None
 
-    def combine(self, y: torch.Tensor, state, num_rows: int, out: torch.Tensor | None, weighted: bool,
-                weights: torch.Tensor, topk_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """Reads the plan and weights of the latest dispatch from the workspace. With
-        ``topk_idx``, the kernel also runs the stale-combine check (ops.py)."""
-        target = out if out is not None else self.combine_out[:num_rows]
-        self.context.combine(y, target, num_rows, weighted, topk_idx=topk_idx)
-        return target
+    def combine(self, args: CombineArgs, state: None) -> torch.Tensor:
+        """Reads the plan and weights of the latest dispatch from the workspace, never
+        ``args.dispatched``: where those are functional copies, dispatch copied the same
+        values into them. With ``args.topk_idx``, the kernel also runs the stale-combine
+        check (ops.py)."""
+        self.context.combine(args)
+        return args.out
 
     def take_errors(self) -> ErrorSnapshot:
         return self.context.take_errors()

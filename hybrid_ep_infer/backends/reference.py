@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .config import CONTIGUOUS, BufferConfig, align_up
-from .errors import ERROR_BLOCK_WORDS, ErrorKind, ErrorSnapshot
-from .validation import DispatchArgs, DispatchOutputs
+from ..calls import CombineArgs, DispatchArgs, DispatchOutputs
+from ..config import CONTIGUOUS, BufferConfig, align_up
+from ..errors import ERROR_BLOCK_WORDS, ErrorKind, ErrorSnapshot
+from .base import Backend
 
 
 def sanitize_routing(topk_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, int, int]:
@@ -69,7 +70,7 @@ class ReferenceRows:
     ids: torch.Tensor
 
 
-class ReferenceBackend:
+class ReferenceBackend(Backend):
     name = "reference"
 
     def __init__(self, config: BufferConfig, group, device: torch.device):
@@ -99,10 +100,16 @@ class ReferenceBackend:
                    self.combine_out)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
+    def combine_output(self, num_rows: int) -> torch.Tensor:
+        return self.combine_out[:num_rows]
+
     def take_errors(self) -> ErrorSnapshot:
         snapshot = ErrorSnapshot.from_words(self._errors)
         self._errors = [0] * ERROR_BLOCK_WORDS
         return snapshot
+
+    def timed_out(self) -> ErrorSnapshot | None:
+        return None  # collectives of torch.distributed wait without a bound of ours
 
     def close(self) -> None:
         self.hidden = self.scales = self.weights = self.row_expert = None
@@ -115,15 +122,17 @@ class ReferenceBackend:
         return DispatchOutputs(self.hidden, self.scales, self.weights, self.row_expert, self.tokens_per_expert,
                                self.offsets)
 
-    def dispatch(self, args: DispatchArgs, out: DispatchOutputs) -> ReferenceRows:
-        """Writes this rank's dispatch output into ``out`` (normally ``self.outputs``)."""
+    def dispatch(self, args: DispatchArgs, *, into: DispatchOutputs | None = None) -> ReferenceRows:
+        """Writes this rank's dispatch output into ``into`` if given (the custom op's
+        tensors), else into :attr:`outputs`."""
+        out = into if into is not None else self.outputs
         c = self.config
         W, T, K, H = c.world_size, c.max_tokens, c.top_k, c.hidden
 
         # 1. This rank's n and sanitized routing. Rows >= n are never read.
         n = args.num_tokens
-        if args.num_tokens_device is not None:
-            n = int(args.num_tokens_device.item())
+        if isinstance(n, torch.Tensor):  # checked on the device by the CUDA backend; here on the host
+            n = int(n.item())
             if not 0 <= n <= args.num_rows:
                 self._errors[ErrorKind.BAD_NUM_TOKENS] += 1
                 n = 0
@@ -194,21 +203,23 @@ class ReferenceBackend:
 
     # ------------------------------------------------------------------ combine
 
-    def combine(self, y: torch.Tensor, rows: ReferenceRows, num_rows: int, out, weighted: bool,
-                weights: torch.Tensor, topk_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """``weights``: the dispatch output's weights (normally ``self.weights``).
+    def combine(self, args: CombineArgs, rows: ReferenceRows) -> torch.Tensor:
+        """Weights come from ``args.dispatched`` if given (the custom op's, maybe a functional
+        copy), else from :attr:`outputs`.
 
-        ``topk_idx`` (the custom op's): if its rows ``t < n``, sanitized, differ from the
+        ``args.topk_idx`` (the custom op's): if its rows ``t < n``, sanitized, differ from the
         latest dispatch's, the combine is stale: it takes part in the exchange as usual,
         but this rank's output is +0.0 and the combine is counted (``STALE_COMBINE``).
         """
         c = self.config
         W, T, K, H = c.world_size, c.max_tokens, c.top_k, c.hidden
+        y, topk_idx = args.y, args.topk_idx
+        weights = (args.dispatched if args.dispatched is not None else self.outputs).weights
 
         # On this rank (as destination): one fp32 sum per (source rank, token) over
         # ascending k of fp32(w * y), separate multiply and add, then one bf16 rounding.
         term = y.reshape(-1, H)[rows.dest].float()
-        if weighted:
+        if args.weighted:
             term = term * weights.reshape(-1)[rows.dest].unsqueeze(1)
         acc = torch.zeros(W, T, H, dtype=torch.float32, device=y.device)
         for k in range(K):
@@ -225,15 +236,14 @@ class ReferenceBackend:
         for r in range(W):
             total = total + received[r].float()
         # Rows t >= n got no partials anywhere, so they are +0.0 already.
-        result = total[:num_rows].to(torch.bfloat16)
+        result = total[: args.num_rows].to(torch.bfloat16)
         if topk_idx is not None:
             ids, _, _ = sanitize_routing(topk_idx[: rows.num_tokens], c.num_experts)
             if not torch.equal(ids, rows.ids):
                 self._errors[ErrorKind.STALE_COMBINE] += 1
                 result = torch.zeros_like(result)
-        target = out if out is not None else self.combine_out[:num_rows]
-        target.copy_(result)
-        return target
+        args.out.copy_(result)
+        return args.out
 
     # ------------------------------------------------------------------ collectives
 

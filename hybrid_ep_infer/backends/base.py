@@ -1,0 +1,74 @@
+"""The interface every backend implements: what ``EPBuffer`` runs a call on.
+
+The buffer (``buffer.py``) owns everything about a call that is the same on every
+backend: the argument checks (``validation.py``), which dispatch is the latest, the
+handles, and whether the buffer is closed or broken. A backend owns the execution and
+the tensors it writes: the dispatch outputs and the default combine output, allocated
+once at construction and reused by every call (docs/SPEC.md section 5).
+
+Each call gets one checked argument object (``calls.py``). Under torch.compile the custom
+ops are given *functional copies* of the backend's output tensors, so where the op hands
+over tensors, the interface names them: ``dispatch(args, into=...)`` must leave its results
+in ``into``, and ``CombineArgs.dispatched`` carries the dispatch outputs combine must read.
+
+A new operation (say a dispatch split into a send and a receive half) is one more method
+here, taking the same argument object, implemented by both backends.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from ..calls import CombineArgs, DispatchArgs, DispatchOutputs
+from ..errors import ErrorSnapshot
+
+
+class Backend(ABC):
+    """Executes dispatch and combine for one buffer. Arguments arrive checked."""
+
+    name: ClassVar[str]  # "cuda" or "reference", as EPBuffer.backend reports it
+
+    @property
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Device bytes this backend holds (the README's "Memory per buffer")."""
+
+    @property
+    @abstractmethod
+    def outputs(self) -> DispatchOutputs:
+        """The tensors every dispatch writes: views of memory held for the buffer's lifetime."""
+
+    @abstractmethod
+    def combine_output(self, num_rows: int) -> torch.Tensor:
+        """``[num_rows, H]`` bf16 view of the memory combine writes when the caller gives no ``out``."""
+
+    @abstractmethod
+    def dispatch(self, args: DispatchArgs, *, into: DispatchOutputs | None = None) -> object:
+        """Run one dispatch (docs/SPEC.md section 3) on the current stream.
+
+        Results go to ``into`` when given (the custom op's tensors, which may be functional
+        copies of :attr:`outputs`), else to :attr:`outputs`. Returns this backend's state of
+        the dispatch, which the buffer keeps and passes to :meth:`combine`.
+        """
+
+    @abstractmethod
+    def combine(self, args: CombineArgs, state: object) -> torch.Tensor:
+        """Run one combine (docs/SPEC.md section 4) for the dispatch that returned ``state``,
+        writing ``args.out``, which it returns. Dispatch results (such as the weights) are
+        read from ``args.dispatched`` when given, else from :attr:`outputs`."""
+
+    @abstractmethod
+    def take_errors(self) -> ErrorSnapshot:
+        """The error counts since the last take (docs/SPEC.md section 6), then cleared."""
+
+    @abstractmethod
+    def timed_out(self) -> ErrorSnapshot | None:
+        """The error block if a wait for a peer has timed out (read without a sync and
+        without clearing), else None."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release everything the backend holds. Called once, by ``EPBuffer.close``."""
