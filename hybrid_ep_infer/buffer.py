@@ -1,6 +1,6 @@
 """The public buffer object: dispatch (with permute) and combine (with unpermute).
 
-See ``docs/SPEC.md`` (the contract) and the README for the memory formula.
+See ``docs/SPEC.md`` (the contract) and ``memory.py`` for the memory formula.
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ class EPBuffer:
 
     @property
     def nbytes(self) -> int:
-        """Device bytes this buffer holds (see the README's formula)."""
+        """Device bytes this buffer holds (the formula: ``memory.py``)."""
         self._check_usable()
         return self._backend.nbytes
 

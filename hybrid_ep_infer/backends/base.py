@@ -34,7 +34,7 @@ class Backend(ABC):
     @property
     @abstractmethod
     def nbytes(self) -> int:
-        """Device bytes this backend holds (the README's "Memory per buffer")."""
+        """Device bytes this backend holds (the formula: ``memory.py``)."""
 
     @property
     @abstractmethod

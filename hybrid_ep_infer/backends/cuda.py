@@ -38,7 +38,7 @@ class CudaBackend(Backend):
         self.desc = _native.BufferDesc(
             size=ctypes.sizeof(_native.BufferDesc), version=_native.API_VERSION, rank=c.rank,
             world_size=c.world_size, hidden=c.hidden, max_tokens=c.max_tokens, num_experts=c.num_experts,
-            top_k=c.top_k, payload_bytes=torch.empty((), dtype=c.dtype).element_size(), has_scales=int(c.is_fp8),
+            top_k=c.top_k, payload_bytes=c.itemsize, has_scales=int(c.is_fp8),
             layout=0 if c.layout == CONTIGUOUS else 1, pad_multiple=c.pad_multiple, capacity=c.capacity,
             num_sms=num_sms, timeout_ns=int(timeout_s * 1e9))
         self.layout = _native.workspace_layout(self.desc)
