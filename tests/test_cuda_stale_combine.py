@@ -97,7 +97,7 @@ def worker(rank: int, world_size: int) -> None:
 
     # A combine captured in a graph, replayed after eager dispatches: the check runs on the device.
     (w_a, idx_a), (w_b, idx_b) = routing_a, routing_b
-    idx_s, y_s = idx_a.clone(), torch.empty_like(cud._backend.hidden)
+    idx_s, y_s = idx_a.clone(), torch.empty_like(cud.dispatch_outputs.hidden)
     out_s = torch.empty(T, H, dtype=torch.bfloat16, device=device)
     d = ops.dispatch(cud, x, idx_s, w_a)
     y_s.copy_(d.hidden)

@@ -126,7 +126,7 @@ def run_case(cfg: BenchConfig, dtype_name: str, routing: str, n: int, timer: Tim
             rows = dequantize(r.hidden, r.scales)
             buf.combine(experts(rows, r.offsets[1:]), r.handle, out=out)
 
-        sms = buf._backend.desc.num_sms if cuda else None
+        sms = buf.num_sms if cuda else None
         tuning = dict(buf._backend.tuning) if cuda else None  # what the construction-time tuner chose
         ours_ops = {"dispatch": ours_dispatch, "combine": ours_combine, "round_trip": ours_round_trip,
                     "layer": ours_layer}
