@@ -283,10 +283,12 @@ class EPBuffer:
     def dispatch_outputs(self) -> DispatchOutputs:
         """The tensors every dispatch writes: views of buffer memory (what :meth:`dispatch`
         returns, without the handle). The custom op takes them as its mutated outputs."""
+        self._check_open()
         return self._backend.outputs
 
     def combine_output(self, num_rows: int) -> torch.Tensor:
         """``[num_rows, H]`` bf16 view of buffer memory: combine's output when no ``out`` is given."""
+        self._check_open()
         return self._backend.combine_output(num_rows)
 
     def dispatch_into(self, into: DispatchOutputs, x: torch.Tensor, topk_idx: torch.Tensor,
@@ -372,9 +374,13 @@ class EPBuffer:
                 f"num_experts={c.num_experts}, top_k={c.top_k}, dtype={c.dtype}, layout={c.layout!r}, "
                 f"capacity={c.capacity}, backend={self.backend!r}, closed={self._closed})")
 
-    def _check_usable(self) -> None:
+    def _check_open(self) -> None:
+        """The part of :meth:`_check_usable` that torch.compile can trace (no ctypes call)."""
         if self._closed:
             raise BufferClosedError("this EPBuffer was closed")
+
+    def _check_usable(self) -> None:
+        self._check_open()
         if self._broken is not None:
             raise BufferClosedError(f"this EPBuffer is unusable after a timeout ({self._broken}); close it")
         snapshot = self._backend.timed_out()

@@ -143,10 +143,11 @@ def _combine_input(backend):
     """A bf16 y in the dispatch layout: the dispatch output itself for bf16 buffers,
     scratch memory for FP8 ones (None if that would exceed MAX_SCRATCH_BYTES)."""
     config = backend.config
+    hidden = backend.outputs.hidden
     if config.dtype == torch.bfloat16:
-        return backend.hidden
-    rows = backend.hidden.numel() // config.hidden
+        return hidden
+    rows = hidden.numel() // config.hidden
     if rows * config.hidden * 2 > MAX_SCRATCH_BYTES:
         return None
-    shape = backend.hidden.shape if config.layout != CONTIGUOUS else (rows, config.hidden)
+    shape = hidden.shape if config.layout != CONTIGUOUS else (rows, config.hidden)
     return torch.zeros(shape, dtype=torch.bfloat16, device=backend.device)

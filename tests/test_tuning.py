@@ -105,7 +105,7 @@ def test_tune_times_every_candidate_sets_the_choice_and_caches_it(monkeypatch):
                                  dtype=torch.bfloat16, layout="contiguous", pad_multiple=1, capacity=None)
     context = _FakeContext()
     backend = types.SimpleNamespace(config=config, device=torch.device("cpu"), context=context,
-                                    hidden=torch.zeros(64, 256, dtype=torch.bfloat16),
+                                    outputs=types.SimpleNamespace(hidden=torch.zeros(64, 256, dtype=torch.bfloat16)),
                                     combine_output=lambda rows: torch.zeros(rows, 256, dtype=torch.bfloat16))
     fastest_dispatch, fastest_combine = tuning.DISPATCH_CANDIDATES[5], tuning.COMBINE_CANDIDATES[7]
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hybrid_ep_infer import BufferClosedError, EPBuffer, memory
+from hybrid_ep_infer import BufferClosedError, EPBuffer, memory, ops
 
 H, T, E, K = 128, 4, 4, 2
 
@@ -159,3 +159,7 @@ def test_closed_buffer_refuses_calls(one_rank_group):
         b.dispatch(x, idx, w)
     with pytest.raises(BufferClosedError):
         b.check_errors()
+    with pytest.raises(BufferClosedError):  # the custom ops too, before they reach the op
+        ops.dispatch(b, x, idx, w)
+    with pytest.raises(BufferClosedError):
+        ops.combine(b, torch.zeros(b.capacity, H, dtype=torch.bfloat16), None, idx)

@@ -27,23 +27,24 @@ from ..errors import ErrorSnapshot
 
 
 class Backend(ABC):
-    """Executes dispatch and combine for one buffer. Arguments arrive checked."""
+    """Executes dispatch and combine for one buffer. Arguments arrive checked.
+
+    The constructor allocates :attr:`outputs` and :attr:`combine_out`; :meth:`close`
+    sets both to None.
+    """
 
     name: ClassVar[str]  # "cuda" or "reference", as EPBuffer.backend reports it
+    outputs: DispatchOutputs  # the tensors every dispatch writes, held for the buffer's lifetime
+    combine_out: torch.Tensor  # [T, H] bf16: combine's output when the caller gives none
 
     @property
     @abstractmethod
     def nbytes(self) -> int:
         """Device bytes this backend holds (the formula: ``memory.py``)."""
 
-    @property
-    @abstractmethod
-    def outputs(self) -> DispatchOutputs:
-        """The tensors every dispatch writes: views of memory held for the buffer's lifetime."""
-
-    @abstractmethod
     def combine_output(self, num_rows: int) -> torch.Tensor:
-        """``[num_rows, H]`` bf16 view of the memory combine writes when the caller gives no ``out``."""
+        """``[num_rows, H]`` bf16 view of :attr:`combine_out`."""
+        return self.combine_out[:num_rows]
 
     @abstractmethod
     def dispatch(self, args: DispatchArgs, *, into: DispatchOutputs | None = None) -> object:

@@ -57,12 +57,13 @@ class CudaBackend(Backend):
     def _make_views(self) -> None:
         c = self.config
         rows, L, H = c.row_shape, c.num_local_experts, c.hidden
-        self.hidden = self._view(self.layout.hidden, c.dtype, (*rows, H))
-        self.scales = self._view(self.layout.scales, torch.float32, (*rows, c.num_scale_blocks)) if c.is_fp8 else None
-        self.weights = self._view(self.layout.weights, torch.float32, rows)
-        self.row_expert = self._view(self.layout.row_expert, torch.int32, rows)
-        self.tokens_per_expert = self._view(self.layout.tokens_per_expert, torch.int32, (L,))
-        self.offsets = self._view(self.layout.offsets, torch.int32, (L + 1,)) if c.layout == CONTIGUOUS else None
+        self.outputs = DispatchOutputs(
+            hidden=self._view(self.layout.hidden, c.dtype, (*rows, H)),
+            scales=self._view(self.layout.scales, torch.float32, (*rows, c.num_scale_blocks)) if c.is_fp8 else None,
+            weights=self._view(self.layout.weights, torch.float32, rows),
+            row_expert=self._view(self.layout.row_expert, torch.int32, rows),
+            tokens_per_expert=self._view(self.layout.tokens_per_expert, torch.int32, (L,)),
+            offsets=self._view(self.layout.offsets, torch.int32, (L + 1,)) if c.layout == CONTIGUOUS else None)
         self.combine_out = self._view(self.layout.combine_out, torch.bfloat16, (c.max_tokens, H))
 
     def _view(self, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
@@ -75,14 +76,6 @@ class CudaBackend(Backend):
     @property
     def nbytes(self) -> int:
         return self.layout.total_bytes
-
-    @property
-    def outputs(self) -> DispatchOutputs:
-        return DispatchOutputs(self.hidden, self.scales, self.weights, self.row_expert, self.tokens_per_expert,
-                               self.offsets)
-
-    def combine_output(self, num_rows: int) -> torch.Tensor:
-        return self.combine_out[:num_rows]
 
     def dispatch(self, args: DispatchArgs, *, into: DispatchOutputs | None = None) -> None:
         """Kernels write the workspace (peers write into it directly). Where ``into`` is
@@ -114,8 +107,7 @@ class CudaBackend(Backend):
     def close(self) -> None:
         if self.workspace is not None or self.context is not None:
             torch.cuda.synchronize(self.device)  # nothing of ours may still run on this memory
-        self.hidden = self.scales = self.weights = self.row_expert = None
-        self.tokens_per_expert = self.offsets = self.combine_out = None
+        self.outputs = self.combine_out = None  # views of the memory freed below
         if self.workspace is not None:
             self.workspace.close()
             self.workspace = None

@@ -84,24 +84,21 @@ class ReferenceBackend(Backend):
         rows = c.row_shape
         # Outputs live here for the buffer's lifetime, like the CUDA backend's, so
         # results are views with the same lifetime rules on both backends.
-        self.hidden = torch.zeros(*rows, c.hidden, dtype=c.dtype, device=device)
-        self.scales = torch.zeros(*rows, c.num_scale_blocks, dtype=torch.float32, device=device) if c.is_fp8 else None
-        self.weights = torch.zeros(rows, dtype=torch.float32, device=device)
-        self.row_expert = torch.full(rows, -1, dtype=torch.int32, device=device)
-        self.tokens_per_expert = torch.zeros(c.num_local_experts, dtype=torch.int32, device=device)
-        self.offsets = (torch.zeros(c.num_local_experts + 1, dtype=torch.int32, device=device)
-                        if c.layout == CONTIGUOUS else None)
+        self.outputs = DispatchOutputs(
+            hidden=torch.zeros(*rows, c.hidden, dtype=c.dtype, device=device),
+            scales=torch.zeros(*rows, c.num_scale_blocks, dtype=torch.float32, device=device) if c.is_fp8 else None,
+            weights=torch.zeros(rows, dtype=torch.float32, device=device),
+            row_expert=torch.full(rows, -1, dtype=torch.int32, device=device),
+            tokens_per_expert=torch.zeros(c.num_local_experts, dtype=torch.int32, device=device),
+            offsets=(torch.zeros(c.num_local_experts + 1, dtype=torch.int32, device=device)
+                     if c.layout == CONTIGUOUS else None))
         self.combine_out = torch.zeros(c.max_tokens, c.hidden, dtype=torch.bfloat16, device=device)
         self._errors = [0] * ERROR_BLOCK_WORDS
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.hidden, self.scales, self.weights, self.row_expert, self.tokens_per_expert, self.offsets,
-                   self.combine_out)
+        tensors = (*self.outputs, self.combine_out)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-    def combine_output(self, num_rows: int) -> torch.Tensor:
-        return self.combine_out[:num_rows]
 
     def take_errors(self) -> ErrorSnapshot:
         snapshot = ErrorSnapshot.from_words(self._errors)
@@ -112,15 +109,9 @@ class ReferenceBackend(Backend):
         return None  # collectives of torch.distributed wait without a bound of ours
 
     def close(self) -> None:
-        self.hidden = self.scales = self.weights = self.row_expert = None
-        self.tokens_per_expert = self.offsets = self.combine_out = None
+        self.outputs = self.combine_out = None
 
     # ------------------------------------------------------------------ dispatch
-
-    @property
-    def outputs(self) -> DispatchOutputs:
-        return DispatchOutputs(self.hidden, self.scales, self.weights, self.row_expert, self.tokens_per_expert,
-                               self.offsets)
 
     def dispatch(self, args: DispatchArgs, *, into: DispatchOutputs | None = None) -> ReferenceRows:
         """Writes this rank's dispatch output into ``into`` if given (the custom op's
