@@ -110,7 +110,8 @@ def dispatch(buffer: EPBuffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_wei
     out = buffer.dispatch_outputs
     num_tokens_device, host_num_tokens = _num_tokens_to_schema(num_tokens)
     torch.ops.hybrid_ep_infer.dispatch(buffer.id, x, topk_idx, topk_weights, scales, num_tokens_device,
-                                       host_num_tokens, *out)
+                                       host_num_tokens, out.hidden, out.scales, out.weights, out.row_expert,
+                                       out.tokens_per_expert, out.offsets)
     return DispatchResult.from_outputs(out, None)
 
 
