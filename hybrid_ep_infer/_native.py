@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .calls import CombineArgs, DispatchArgs
 from .errors import ERROR_BLOCK_WORDS, ErrorKind, ErrorSnapshot, HybridEPError
 
 LIBRARY_NAME = "libhybrid_ep_infer.so"
@@ -259,42 +260,44 @@ class NativeContext:
         self.lib.check(self.lib.hep_context_attach(self._live_handle(), ctypes.byref(desc), pointers),
                        "binding the buffer's workspaces")
 
-    def dispatch(self, x, scales, topk_idx, topk_weights, num_tokens, num_tokens_device, *, half: str = "") -> None:
-        """Launch dispatch on the current stream; arguments already checked by validation.py.
-        ``half="send"``: only the send half (hep_dispatch_send)."""
-        args = HepDispatchArgs(
-            x=x.data_ptr(),
-            scales=scales.data_ptr() if scales is not None else None,
-            topk_idx=topk_idx.data_ptr(),
-            idx_dtype=HEP_INDEX_INT64 if topk_idx.dtype == torch.int64 else HEP_INDEX_INT32,
-            topk_weights=topk_weights.data_ptr(),
-            num_rows=x.shape[0],
-            num_tokens_device=num_tokens_device.data_ptr() if num_tokens_device is not None else None,
-            num_tokens_host=num_tokens if num_tokens is not None else 0,
+    def dispatch(self, args: DispatchArgs, *, half: str = "") -> None:
+        """Launch dispatch on the current stream; ``args`` already checked (validation.py).
+        ``half="send"``: only the send half (hep_dispatch_send; dispatch_recv completes it)."""
+        device_n = isinstance(args.num_tokens, torch.Tensor)
+        c_args = HepDispatchArgs(
+            x=args.x.data_ptr(),
+            scales=args.scales.data_ptr() if args.scales is not None else None,
+            topk_idx=args.topk_idx.data_ptr(),
+            idx_dtype=_index_dtype(args.topk_idx),
+            topk_weights=args.topk_weights.data_ptr(),
+            num_rows=args.num_rows,
+            # The C struct takes n either as a device pointer (read by the kernels) or a host value.
+            num_tokens_device=args.num_tokens.data_ptr() if device_n else None,
+            num_tokens_host=0 if device_n else args.num_tokens,
         )
         name = "hep_dispatch_send" if half == "send" else "hep_dispatch"
-        self.lib.check(getattr(self.lib, name)(self._live_handle(), ctypes.byref(args), self._stream()), name)
+        self.lib.check(getattr(self.lib, name)(self._live_handle(), ctypes.byref(c_args), self._stream()), name)
 
     def dispatch_recv(self) -> None:
         """Launch the receive half of the pending dispatch send on the current stream."""
         self.lib.check(self.lib.hep_dispatch_recv(self._live_handle(), self._stream()), "hep_dispatch_recv")
 
-    def combine(self, y: torch.Tensor, out: torch.Tensor, num_rows: int, weighted: bool,
-                topk_idx: torch.Tensor | None = None, *, half: str = "") -> None:
-        """Launch combine on the current stream for the latest dispatch; arguments already checked.
-        ``half="send"``: only the send half (hep_combine_send).
+    def combine(self, args: CombineArgs, *, half: str = "") -> None:
+        """Launch combine on the current stream for the latest dispatch; ``args`` already checked.
+        ``half="send"``: only the send half (hep_combine_send; combine_recv completes it).
 
-        ``topk_idx`` ``[num_rows, K]`` (contiguous, on this device): the routing the combine
-        is for. If its rows ``t < n`` (sanitized) differ from the latest dispatch's, the
-        combine is stale: the output is all zeros and ``ErrorKind.STALE_COMBINE`` is
-        counted. ``None``: no check.
+        ``args.topk_idx``, if given, is the routing the combine is for: if its rows ``t < n``
+        (sanitized) differ from the latest dispatch's, the combine is stale: the output is all
+        zeros and ``ErrorKind.STALE_COMBINE`` is counted. ``args.dispatched`` is not read: the
+        kernels read the latest dispatch from the workspace.
         """
-        args = HepCombineArgs(y=y.data_ptr(), out=out.data_ptr(), num_rows=num_rows, weighted=int(weighted),
-                              topk_idx=topk_idx.data_ptr() if topk_idx is not None else None,
-                              idx_dtype=HEP_INDEX_INT64 if topk_idx is not None and topk_idx.dtype == torch.int64
-                              else HEP_INDEX_INT32)
+        topk_idx = args.topk_idx
+        c_args = HepCombineArgs(y=args.y.data_ptr(), out=args.out.data_ptr(), num_rows=args.num_rows,
+                                weighted=int(args.weighted),
+                                topk_idx=topk_idx.data_ptr() if topk_idx is not None else None,
+                                idx_dtype=_index_dtype(topk_idx) if topk_idx is not None else HEP_INDEX_INT32)
         name = "hep_combine_send" if half == "send" else "hep_combine"
-        self.lib.check(getattr(self.lib, name)(self._live_handle(), ctypes.byref(args), self._stream()), name)
+        self.lib.check(getattr(self.lib, name)(self._live_handle(), ctypes.byref(c_args), self._stream()), name)
 
     def combine_recv(self) -> None:
         """Launch the receive half of the pending combine send on the current stream."""
@@ -329,3 +332,8 @@ class NativeContext:
         self.lib.check(self.lib.hep_context_error_block(self._live_handle(), ctypes.byref(pointer)),
                        "reading the error block")
         return pointer.value
+
+
+def _index_dtype(topk_idx: torch.Tensor) -> int:
+    """The C enum of an expert-id tensor's dtype (int32 or int64, as validation.py allows)."""
+    return HEP_INDEX_INT64 if topk_idx.dtype == torch.int64 else HEP_INDEX_INT32

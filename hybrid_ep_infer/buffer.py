@@ -1,6 +1,6 @@
 """The public buffer object: dispatch (with permute) and combine (with unpermute).
 
-See ``docs/SPEC.md`` (the contract) and the README for the memory formula.
+See ``docs/SPEC.md`` (the contract) and ``memory.py`` for the memory formula.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import torch
 import torch.distributed as dist
 
 from . import _native
+from .backends import Backend, CudaBackend, ReferenceBackend
+from .calls import DispatchOutputs
 from .config import BufferConfig
-from .cuda_backend import CudaBackend
 from .errors import PHASE_NAMES, BufferClosedError, PeerTimeoutError, raise_for_errors
-from .reference import ReferenceBackend
 from .validation import check_combine_args, check_dispatch_args
 
 BACKENDS = ("auto", "cuda", "reference")
@@ -48,10 +48,36 @@ class DispatchHandle:
     buffer_id: int
     generation: int
     num_rows: int  # m: rows of the dispatched x, and of combine's output
-    state: object  # backend-specific (reference: where each written row came from)
+    state: object  # what Backend.dispatch returned (reference: where each written row came from)
 
 
-class DispatchResult(NamedTuple):
+@dataclass(frozen=True)
+class PendingDispatch:
+    """A dispatch whose send half ran (:meth:`EPBuffer.dispatch_send`); pass it to
+    :meth:`EPBuffer.dispatch_recv`. Opaque to users."""
+
+    buffer_id: int
+    sequence: int  # which send of this buffer
+    num_rows: int  # m of the dispatched x
+    sent: object  # what Backend.dispatch_send returned
+
+
+@dataclass(frozen=True)
+class PendingCombine:
+    """A combine whose send half ran (:meth:`EPBuffer.combine_send`); pass it to
+    :meth:`EPBuffer.combine_recv`. Opaque to users."""
+
+    buffer_id: int
+    sequence: int
+    sent: object  # what Backend.combine_send returned
+
+
+# DispatchResult's fields: those of DispatchOutputs, in their order, then the handle.
+_DispatchResultFields = NamedTuple("DispatchResult", [*DispatchOutputs.__annotations__.items(),
+                                                      ("handle", "DispatchHandle | None")])
+
+
+class DispatchResult(_DispatchResultFields):
     """Dispatch output on this rank (docs/SPEC.md section 3), expert-major.
 
     Every tensor is a **view of buffer memory**, valid until the next ``dispatch``
@@ -72,16 +98,14 @@ class DispatchResult(NamedTuple):
             that is not a written row (padding and unused rows included).
         tokens_per_expert: ``[L]`` int32, rows written per local expert.
         offsets: ``[L + 1]`` int32 row offsets (contiguous layout), else ``None``.
-        handle: pass to :meth:`EPBuffer.combine`.
+        handle: pass to :meth:`EPBuffer.combine` (``None`` from :func:`ops.dispatch`).
     """
 
-    hidden: torch.Tensor
-    scales: torch.Tensor | None
-    weights: torch.Tensor
-    row_expert: torch.Tensor
-    tokens_per_expert: torch.Tensor
-    offsets: torch.Tensor | None
-    handle: DispatchHandle
+    __slots__ = ()
+
+    @classmethod
+    def from_outputs(cls, outputs: DispatchOutputs, handle: DispatchHandle | None) -> DispatchResult:
+        return cls(*outputs, handle)
 
 
 class EPBuffer:
@@ -176,6 +200,7 @@ class EPBuffer:
             if reason is not None:
                 raise RuntimeError(f"backend='cuda' is not available: {reason}. Use backend='reference'.")
         self.device = _resolve_device(device, backend, group)
+        self._backend: Backend
         if backend == "cuda":
             if low_latency is None:
                 low_latency = max_tokens <= LOW_LATENCY_MAX_TOKENS
@@ -187,6 +212,8 @@ class EPBuffer:
         self._id = next(_buffer_ids)
         self._generation = 0
         self._latest: DispatchHandle | None = None
+        self._sends = 0
+        self._pending: PendingDispatch | PendingCombine | None = None  # at most one half awaits its receive
         _live_buffers[self._id] = self
         self._closed = False
         self._broken: str | None = None
@@ -217,13 +244,19 @@ class EPBuffer:
 
     @property
     def nbytes(self) -> int:
-        """Device bytes this buffer holds (see the README's formula)."""
+        """Device bytes this buffer holds (the formula: ``memory.py``)."""
         self._check_usable()
         return self._backend.nbytes
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def supports_split(self) -> bool:
+        """Whether :meth:`dispatch_send` and the other halves work on this buffer (the
+        reference backend always; the CUDA backend when built with ``low_latency``)."""
+        return self._backend.supports_split
 
     # ------------------------------------------------------------------ collectives
 
@@ -248,12 +281,8 @@ class EPBuffer:
             :class:`DispatchResult`, views of buffer memory valid until the next
             dispatch on this buffer.
         """
-        self._check_usable()
-        args = check_dispatch_args(self.config, self.device, x, topk_idx, topk_weights, scales, num_tokens)
-        out = self._backend.outputs
-        handle = self._dispatch(args, out)
-        self._maybe_check_errors()
-        return DispatchResult(*out, handle)
+        handle = self._run_dispatch(x, topk_idx, topk_weights, scales, num_tokens, into=None)
+        return DispatchResult.from_outputs(self._backend.outputs, handle)
 
     def combine(self, y: torch.Tensor, handle: DispatchHandle, *, out: torch.Tensor | None = None,
                 weighted: bool = True) -> torch.Tensor:
@@ -274,25 +303,130 @@ class EPBuffer:
             tokens with no valid expert are +0.0.
         """
         self._check_usable()
-        if not isinstance(handle, DispatchHandle) or handle.buffer_id != self._id:
-            raise ValueError("handle must be the DispatchResult.handle of a dispatch on this buffer")
-        if handle.generation != self._generation:
-            raise ValueError("handle is stale: another dispatch ran on this buffer since; combine must follow its "
-                             "own dispatch")
-        if not isinstance(weighted, bool):
-            raise TypeError(f"weighted must be a bool, got {type(weighted).__name__}")
-        check_combine_args(self.config, self.device, y, out, handle.num_rows)
-        result = self._backend.combine(y, handle.state, handle.num_rows, out, weighted, self._backend.weights)
+        self._check_no_pending("combine")
+        self._check_handle(handle)
+        return self._run_combine(y, handle, out, weighted)
+
+    # ------------------------------------------------------------------ split halves
+
+    def dispatch_send(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *,
+                      scales: torch.Tensor | None = None, num_tokens=None) -> PendingDispatch:
+        """The send half of :meth:`dispatch` (same arguments and checks): this rank's routing
+        and rows go out to their destinations; nothing waits for a peer. Any work may run
+        on any stream before :meth:`dispatch_recv` (for instance another micro-batch's
+        experts, or ops on another buffer), and ``x``, ``topk_*`` and ``scales`` may be
+        overwritten in stream order. Until the receive, this buffer refuses every other
+        call and its dispatch outputs are undefined. A collective, like :meth:`dispatch`.
+        """
+        self._check_usable()
+        self._check_no_pending("dispatch_send")
+        self._check_split()
+        args = check_dispatch_args(self.config, self.device, x, topk_idx, topk_weights, scales, num_tokens)
+        sent = self._backend.dispatch_send(args)
+        self._sends += 1
+        self._pending = PendingDispatch(self._id, self._sends, args.num_rows, sent)
+        return self._pending
+
+    def dispatch_recv(self, pending: PendingDispatch) -> DispatchResult:
+        """The receive half: waits for the peers' rows and completes the dispatch. Returns
+        what :meth:`dispatch` returns (the same views, and a handle for combine)."""
+        self._check_usable()
+        self._take_pending(pending, PendingDispatch, "dispatch_recv")
+        state = self._backend.dispatch_recv(pending.sent)
+        self._generation += 1
+        self._latest = DispatchHandle(self._id, self._generation, pending.num_rows, state)
+        self._maybe_check_errors()
+        return DispatchResult.from_outputs(self._backend.outputs, self._latest)
+
+    def combine_send(self, y: torch.Tensor, handle: DispatchHandle, *, out: torch.Tensor | None = None,
+                     weighted: bool = True) -> PendingCombine:
+        """The send half of :meth:`combine` (same arguments and checks): this rank's partial
+        sums go out to their tokens' ranks; ``y`` may be overwritten in stream order after
+        it. ``out`` is complete after :meth:`combine_recv`. A collective."""
+        self._check_usable()
+        self._check_no_pending("combine_send")
+        self._check_split()
+        self._check_handle(handle)
+        if out is None:
+            out = self._backend.combine_output(handle.num_rows)
+        args = check_combine_args(self.config, self.device, y, out, handle.num_rows, weighted)
+        sent = self._backend.combine_send(args, handle.state)
+        self._sends += 1
+        self._pending = PendingCombine(self._id, self._sends, sent)
+        return self._pending
+
+    def combine_recv(self, pending: PendingCombine) -> torch.Tensor:
+        """The receive half: waits for the peers' partials and sums them. Returns what
+        :meth:`combine` returns."""
+        self._check_usable()
+        self._take_pending(pending, PendingCombine, "combine_recv")
+        result = self._backend.combine_recv(pending.sent)
         self._maybe_check_errors()
         return result
 
+    # ------------------------------------------------------------------ what the custom ops (ops.py) use
+
+    @property
+    def id(self) -> int:
+        """This buffer's id, by which the custom ops reach it (no Python object crosses a traced graph)."""
+        return self._id
+
+    @property
+    def dispatch_outputs(self) -> DispatchOutputs:
+        """The tensors every dispatch writes: views of buffer memory (what :meth:`dispatch`
+        returns, without the handle). The custom op takes them as its mutated outputs."""
+        self._check_open()
+        return self._backend.outputs
+
+    def combine_output(self, num_rows: int) -> torch.Tensor:
+        """``[num_rows, H]`` bf16 view of buffer memory: combine's output when no ``out`` is given."""
+        self._check_open()
+        return self._backend.combine_output(num_rows)
+
+    def dispatch_into(self, into: DispatchOutputs, x: torch.Tensor, topk_idx: torch.Tensor,
+                      topk_weights: torch.Tensor, *, scales: torch.Tensor | None = None, num_tokens=None) -> None:
+        """:meth:`dispatch` (same arguments and checks), leaving its results in ``into``: the
+        custom op's output tensors, which under torch.compile are functional copies of
+        :attr:`dispatch_outputs` rather than those views."""
+        self._run_dispatch(x, topk_idx, topk_weights, scales, num_tokens, into=into)
+
+    def combine_latest(self, y: torch.Tensor, topk_idx: torch.Tensor, dispatched: DispatchOutputs,
+                       out: torch.Tensor, *, weighted: bool = True) -> torch.Tensor:
+        """:meth:`combine` for the latest dispatch on this buffer, found without a handle.
+
+        ``topk_idx`` is the routing the caller means: if it is not the latest dispatch's, the
+        combine is stale (docs/SPEC.md section 7: zeros, counted). ``dispatched`` are the
+        dispatch outputs the custom op was given (maybe functional copies), which the
+        backend reads instead of its own.
+        """
+        self._check_usable()
+        self._check_no_pending("combine")
+        if self._latest is None:
+            raise ValueError("combine before any dispatch on this buffer")
+        return self._run_combine(y, self._latest, out, weighted, topk_idx=topk_idx, dispatched=dispatched)
+
     # ------------------------------------------------------------------ shared by the eager API and the custom ops
 
-    def _dispatch(self, args, out) -> DispatchHandle:
-        state = self._backend.dispatch(args, out)
+    def _run_dispatch(self, x, topk_idx, topk_weights, scales, num_tokens, *,
+                      into: DispatchOutputs | None) -> DispatchHandle:
+        self._check_usable()
+        self._check_no_pending("dispatch")
+        args = check_dispatch_args(self.config, self.device, x, topk_idx, topk_weights, scales, num_tokens)
+        state = self._backend.dispatch(args, into=into)
         self._generation += 1
         self._latest = DispatchHandle(self._id, self._generation, args.num_rows, state)
+        self._maybe_check_errors()
         return self._latest
+
+    def _run_combine(self, y, handle: DispatchHandle, out, weighted, *, topk_idx=None,
+                     dispatched: DispatchOutputs | None = None) -> torch.Tensor:
+        if out is None:
+            out = self._backend.combine_output(handle.num_rows)
+        args = check_combine_args(self.config, self.device, y, out, handle.num_rows, weighted, topk_idx=topk_idx,
+                                  dispatched=dispatched)
+        result = self._backend.combine(args, handle.state)
+        self._maybe_check_errors()
+        return result
 
     # ------------------------------------------------------------------ errors and lifetime
 
@@ -334,13 +468,16 @@ class EPBuffer:
                 f"num_experts={c.num_experts}, top_k={c.top_k}, dtype={c.dtype}, layout={c.layout!r}, "
                 f"capacity={c.capacity}, backend={self.backend!r}, closed={self._closed})")
 
-    def _check_usable(self) -> None:
+    def _check_open(self) -> None:
+        """The part of :meth:`_check_usable` that torch.compile can trace (no ctypes call)."""
         if self._closed:
             raise BufferClosedError("this EPBuffer was closed")
+
+    def _check_usable(self) -> None:
+        self._check_open()
         if self._broken is not None:
             raise BufferClosedError(f"this EPBuffer is unusable after a timeout ({self._broken}); close it")
-        timed_out = getattr(self._backend, "timed_out", None)
-        snapshot = timed_out() if timed_out is not None else None
+        snapshot = self._backend.timed_out()
         if snapshot is not None:  # a kernel gave up waiting for a peer: refuse every call from now on
             try:
                 raise_for_errors(snapshot, rank=self.rank, num_experts=self.config.num_experts,
@@ -348,6 +485,34 @@ class EPBuffer:
             except PeerTimeoutError as e:
                 self._broken = str(e)
                 raise
+
+    def _check_handle(self, handle) -> None:
+        if not isinstance(handle, DispatchHandle) or handle.buffer_id != self._id:
+            raise ValueError("handle must be the DispatchResult.handle of a dispatch on this buffer")
+        if handle.generation != self._generation:
+            raise ValueError("handle is stale: another dispatch ran on this buffer since; combine must follow its "
+                             "own dispatch")
+
+    def _check_split(self) -> None:
+        if not self._backend.supports_split:
+            raise RuntimeError("this buffer has no split halves: the CUDA backend needs low_latency=True "
+                               "(the default up to max_tokens = 1024)")
+
+    def _check_no_pending(self, call: str) -> None:
+        """One half at a time: a call while a send awaits its receive is refused before
+        anything runs (the peers would pair it with the pending half)."""
+        if self._pending is not None:
+            half = "dispatch_send" if isinstance(self._pending, PendingDispatch) else "combine_send"
+            receive = "dispatch_recv" if half == "dispatch_send" else "combine_recv"
+            raise RuntimeError(f"{call} while a {half} is pending on this buffer: call {receive} first")
+
+    def _take_pending(self, pending, kind: type, call: str) -> None:
+        if not isinstance(pending, kind) or pending.buffer_id != self._id:
+            raise ValueError(f"{call} needs the {kind.__name__} that this buffer's "
+                             f"{'dispatch_send' if kind is PendingDispatch else 'combine_send'} returned")
+        if pending is not self._pending:
+            raise ValueError(f"{call}: this {kind.__name__} was already received (or is not the pending send)")
+        self._pending = None
 
     def _maybe_check_errors(self) -> None:
         if self.debug and not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):

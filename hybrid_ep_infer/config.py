@@ -94,6 +94,11 @@ class BufferConfig:
         return self.dtype != torch.bfloat16
 
     @property
+    def itemsize(self) -> int:
+        """Bytes per payload element."""
+        return _itemsize(self.dtype)
+
+    @property
     def num_scale_blocks(self) -> int:
         """Scales per token row (FP8 only)."""
         return self.hidden // FP8_BLOCK if self.is_fp8 else 0

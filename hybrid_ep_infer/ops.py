@@ -28,7 +28,7 @@ import contextlib
 import torch
 
 from .buffer import DispatchResult, EPBuffer, live_buffer
-from .validation import DispatchOutputs, check_combine_args, check_dispatch_args
+from .calls import DispatchOutputs
 
 try:  # NVTX ranges: the nvtx package if present, else torch's, else none (CPU-only torch)
     import nvtx as _nvtx_package
@@ -52,30 +52,38 @@ _lib.define(
     "Tensor? offsets, bool weighted, Tensor(a!) out) -> ()")
 
 
+# The schema cannot say "an int or a tensor", so num_tokens crosses the op as two
+# arguments: a device tensor, else a host int with -1 for "not given" (= m).
+def _num_tokens_to_schema(num_tokens) -> tuple[torch.Tensor | None, int]:
+    if isinstance(num_tokens, torch.Tensor):
+        return num_tokens, -1
+    return None, -1 if num_tokens is None else num_tokens
+
+
+def _num_tokens_from_schema(num_tokens_device: torch.Tensor | None, num_tokens: int):
+    if num_tokens_device is not None:
+        return num_tokens_device
+    return None if num_tokens < 0 else num_tokens
+
+
 def _dispatch_impl(buffer_id, x, topk_idx, topk_weights, scales, num_tokens_device, num_tokens, hidden, out_scales,
                    weights, row_expert, tokens_per_expert, offsets) -> None:
     buffer = live_buffer(buffer_id)
     with _nvtx_range("hybrid_ep_infer.dispatch"):
-        buffer._check_usable()
-        n = num_tokens_device if num_tokens_device is not None else (None if num_tokens < 0 else num_tokens)
-        args = check_dispatch_args(buffer.config, buffer.device, x, topk_idx, topk_weights, scales, n)
-        buffer._dispatch(args, DispatchOutputs(hidden, out_scales, weights, row_expert, tokens_per_expert, offsets))
-        buffer._maybe_check_errors()
+        # The output tensors the op was given, which may be functional copies of the buffer's.
+        into = DispatchOutputs(hidden, out_scales, weights, row_expert, tokens_per_expert, offsets)
+        buffer.dispatch_into(into, x, topk_idx, topk_weights, scales=scales,
+                             num_tokens=_num_tokens_from_schema(num_tokens_device, num_tokens))
 
 
 def _combine_impl(buffer_id, y, topk_idx, weights, row_expert, tokens_per_expert, offsets, weighted, out) -> None:
     buffer = live_buffer(buffer_id)
     with _nvtx_range("hybrid_ep_infer.combine"):
-        buffer._check_usable()
-        latest = buffer._latest
-        if latest is None:
-            raise ValueError("combine before any dispatch on this buffer")
-        if out.shape[0] != latest.num_rows:
-            raise ValueError(f"out must have {latest.num_rows} rows (those of the latest dispatch), "
-                             f"got {out.shape[0]}")
-        check_combine_args(buffer.config, buffer.device, y, out, latest.num_rows, topk_idx=topk_idx)
-        buffer._backend.combine(y, latest.state, latest.num_rows, out, weighted, weights, topk_idx=topk_idx)
-        buffer._maybe_check_errors()
+        # The dispatch outputs the op was given (maybe functional copies): combine reads these.
+        # It reads no payload, so the op takes none.
+        dispatched = DispatchOutputs(hidden=None, scales=None, weights=weights, row_expert=row_expert,
+                                     tokens_per_expert=tokens_per_expert, offsets=offsets)
+        buffer.combine_latest(y, topk_idx, dispatched, out, weighted=weighted)
 
 
 _lib.impl("dispatch", _dispatch_impl, "CompositeExplicitAutograd")
@@ -99,12 +107,12 @@ def dispatch(buffer: EPBuffer, x: torch.Tensor, topk_idx: torch.Tensor, topk_wei
     Same arguments and result as the method, except that ``result.handle`` is ``None``:
     pass the whole result to :func:`combine` instead.
     """
-    out = buffer._backend.outputs
-    device_n = num_tokens if isinstance(num_tokens, torch.Tensor) else None
-    host_n = -1 if num_tokens is None or device_n is not None else num_tokens
-    torch.ops.hybrid_ep_infer.dispatch(buffer._id, x, topk_idx, topk_weights, scales, device_n, host_n, out.hidden,
-                                       out.scales, out.weights, out.row_expert, out.tokens_per_expert, out.offsets)
-    return DispatchResult(*out, None)
+    out = buffer.dispatch_outputs
+    num_tokens_device, host_num_tokens = _num_tokens_to_schema(num_tokens)
+    torch.ops.hybrid_ep_infer.dispatch(buffer.id, x, topk_idx, topk_weights, scales, num_tokens_device,
+                                       host_num_tokens, out.hidden, out.scales, out.weights, out.row_expert,
+                                       out.tokens_per_expert, out.offsets)
+    return DispatchResult.from_outputs(out, None)
 
 
 def combine(buffer: EPBuffer, y: torch.Tensor, dispatched: DispatchResult, topk_idx: torch.Tensor, *,
@@ -118,7 +126,7 @@ def combine(buffer: EPBuffer, y: torch.Tensor, dispatched: DispatchResult, topk_
     defaults to a view of buffer memory.
     """
     if out is None:
-        out = buffer._backend.combine_out[: topk_idx.shape[0]]
-    torch.ops.hybrid_ep_infer.combine(buffer._id, y, topk_idx, dispatched.weights, dispatched.row_expert,
+        out = buffer.combine_output(topk_idx.shape[0])
+    torch.ops.hybrid_ep_infer.combine(buffer.id, y, topk_idx, dispatched.weights, dispatched.row_expert,
                                       dispatched.tokens_per_expert, dispatched.offsets, weighted, out)
     return out

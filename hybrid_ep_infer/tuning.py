@@ -18,15 +18,21 @@ import statistics
 import torch
 import torch.distributed as dist
 
+from .calls import CombineArgs, DispatchArgs
 from .config import CONTIGUOUS, BufferConfig
 from .errors import PHASE_NAMES, raise_for_errors
 from .placement import collective_device
 
-# Dispatch: sender warps per block, tokens per flag release, NVLink writes and expand
-# through the copy engine (1) or with warp copies (0).
-DISPATCH_FIELDS = ("dispatch_send_warps", "dispatch_chunk_tokens", "dispatch_send_tma", "dispatch_expand_tma")
-DISPATCH_CANDIDATES = tuple((warps, chunk, send_tma, expand_tma) for warps in (1, 2, 4, 8) for chunk in (1, 4, 16)
-                            for send_tma in (0, 1) for expand_tma in (0, 1))
+# Dispatch: the path (hep_dispatch_path_t), then the planned path's sender warps per block,
+# tokens per flag release, NVLink writes and expand through the copy engine (1) or with warp
+# copies (0). The low-latency path has none of those knobs: one candidate (first, so it
+# wins ties), timed only on buffers that have it.
+PLANNED, LOW_LATENCY = 0, 1
+DISPATCH_FIELDS = ("dispatch_path", "dispatch_send_warps", "dispatch_chunk_tokens", "dispatch_send_tma",
+                   "dispatch_expand_tma")
+DISPATCH_CANDIDATES = ((LOW_LATENCY, 4, 1, 0, 0),) + tuple(
+    (PLANNED, warps, chunk, send_tma, expand_tma) for warps in (1, 2, 4, 8) for chunk in (1, 4, 16)
+    for send_tma in (0, 1) for expand_tma in (0, 1))
 # Combine: reducer warps per block, tokens per flag release.
 COMBINE_FIELDS = ("combine_reduce_warps", "combine_chunk_tokens")
 COMBINE_CANDIDATES = tuple((warps, chunk) for warps in (8, 11, 13, 14) for chunk in (1, 4, 16))
@@ -40,16 +46,16 @@ _cache: dict[tuple, dict[str, int]] = {}
 reports: dict[tuple, list[tuple[str, tuple, float]]] = {}
 
 
-def cache_key(config: BufferConfig, num_sms: int, device: torch.device) -> tuple:
+def cache_key(config: BufferConfig, num_sms: int, device: torch.device, low_latency: bool) -> tuple:
     return (config.world_size, config.rank, config.hidden, config.max_tokens, config.num_experts, config.top_k,
             config.dtype, config.layout, config.pad_multiple, config.capacity, num_sms,
-            torch.cuda.get_device_name(device))
+            torch.cuda.get_device_name(device), low_latency)
 
 
 def tune(backend, group, num_sms: int) -> dict[str, int]:
     """Chooses and sets ``backend.context``'s tuning; returns it. A collective over ``group``."""
     config, device, context = backend.config, backend.device, backend.context
-    key = cache_key(config, num_sms, device)
+    key = cache_key(config, num_sms, device, backend.supports_split)
     if key not in _cache:
         _cache[key], reports[key] = _measure(backend, group)
     context.set_tuning(**_cache[key])
@@ -60,19 +66,21 @@ def _measure(backend, group) -> tuple[dict[str, int], list[tuple[str, tuple, flo
     config, device, context = backend.config, backend.device, backend.context
     x, scales, idx, weights = _synthetic_inputs(config, device)
     T = config.max_tokens
+    dispatch_args = DispatchArgs(x, idx, weights, scales, num_tokens=T)
 
     def dispatch():
-        context.dispatch(x, scales, idx, weights, T, None)
+        context.dispatch(dispatch_args)
 
     y = _combine_input(backend)
-    out = backend.combine_out
+    combine_args = CombineArgs(y, backend.combine_output(T), T, weighted=True) if y is not None else None
 
     def combine():
-        context.combine(y, out, T, True)
+        context.combine(combine_args)
 
+    candidates = dispatch_candidates(backend.supports_split)
     dispatch()  # warm-up, and the plan every timed combine uses
     times = [_time(lambda: context.set_tuning(**dict(zip(DISPATCH_FIELDS, candidate))), dispatch, device)
-             for candidate in DISPATCH_CANDIDATES]
+             for candidate in candidates]
     if y is not None:
         times += [_time(lambda: context.set_tuning(**dict(zip(COMBINE_FIELDS, candidate))), combine, device)
                   for candidate in COMBINE_CANDIDATES]
@@ -81,24 +89,30 @@ def _measure(backend, group) -> tuple[dict[str, int], list[tuple[str, tuple, flo
     raise_for_errors(context.take_errors(), rank=config.rank, num_experts=config.num_experts,
                      phase_names=PHASE_NAMES)
 
-    chosen, report = choose(_all_gather_times(times, group))
+    chosen, report = choose(_all_gather_times(times, group), candidates)
     if y is None:  # the defaults (attach set them; nothing has changed the combine fields yet)
         defaults = context.get_tuning()
         chosen.update((name, defaults[name]) for name in COMBINE_FIELDS)
     return chosen, report
 
 
-def choose(gathered: list[list[float]]) -> tuple[dict[str, int], list[tuple[str, tuple, float]]]:
-    """From every rank's times (µs) of the dispatch candidates, then, if tuned, the combine
-    candidates: per op the candidate whose slowest rank is fastest (the first of equals),
-    and the report of every candidate's slowest time. Every rank passes the same gathered
-    lists, so every rank chooses the same."""
+def dispatch_candidates(low_latency: bool) -> tuple[tuple[int, ...], ...]:
+    """The dispatch candidates a buffer can run (the low-latency one only where built)."""
+    return tuple(c for c in DISPATCH_CANDIDATES if low_latency or c[0] == PLANNED)
+
+
+def choose(gathered: list[list[float]], candidates: tuple[tuple[int, ...], ...] = DISPATCH_CANDIDATES,
+           ) -> tuple[dict[str, int], list[tuple[str, tuple, float]]]:
+    """From every rank's times (µs) of the dispatch ``candidates``, then, if tuned, the
+    combine candidates: per op the candidate whose slowest rank is fastest (the first of
+    equals), and the report of every candidate's slowest time. Every rank passes the same
+    gathered lists, so every rank chooses the same."""
     slowest = [max(rank_times[i] for rank_times in gathered) for i in range(len(gathered[0]))]
-    dispatch_times, combine_times = slowest[:len(DISPATCH_CANDIDATES)], slowest[len(DISPATCH_CANDIDATES):]
-    report = [("dispatch", c, t) for c, t in zip(DISPATCH_CANDIDATES, dispatch_times)]
+    dispatch_times, combine_times = slowest[:len(candidates)], slowest[len(candidates):]
+    report = [("dispatch", c, t) for c, t in zip(candidates, dispatch_times)]
     report += [("combine", c, t) for c, t in zip(COMBINE_CANDIDATES, combine_times)]
     d = min(range(len(dispatch_times)), key=lambda i: dispatch_times[i])
-    chosen = dict(zip(DISPATCH_FIELDS, DISPATCH_CANDIDATES[d]))
+    chosen = dict(zip(DISPATCH_FIELDS, candidates[d]))
     if combine_times:
         k = min(range(len(combine_times)), key=lambda i: combine_times[i])
         chosen.update(zip(COMBINE_FIELDS, COMBINE_CANDIDATES[k]))
@@ -141,10 +155,11 @@ def _combine_input(backend):
     """A bf16 y in the dispatch layout: the dispatch output itself for bf16 buffers,
     scratch memory for FP8 ones (None if that would exceed MAX_SCRATCH_BYTES)."""
     config = backend.config
+    hidden = backend.outputs.hidden
     if config.dtype == torch.bfloat16:
-        return backend.hidden
-    rows = backend.hidden.numel() // config.hidden
+        return hidden
+    rows = hidden.numel() // config.hidden
     if rows * config.hidden * 2 > MAX_SCRATCH_BYTES:
         return None
-    shape = backend.hidden.shape if config.layout != CONTIGUOUS else (rows, config.hidden)
+    shape = hidden.shape if config.layout != CONTIGUOUS else (rows, config.hidden)
     return torch.zeros(shape, dtype=torch.bfloat16, device=backend.device)

@@ -2,43 +2,16 @@
 
 Each argument gets its own block and its own message naming it; nothing is
 launched before all of them pass. ``assert`` is never used: it vanishes under -O.
+Each check returns the argument object of its call (``calls.py``), which is all the
+layers below it see.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple
-
 import torch
 
+from .calls import CombineArgs, DispatchArgs, DispatchOutputs
 from .config import BufferConfig
-
-
-@dataclass(frozen=True)
-class DispatchArgs:
-    """Checked dispatch inputs. Exactly one of ``num_tokens``/``num_tokens_device`` is set."""
-
-    x: torch.Tensor
-    topk_idx: torch.Tensor
-    topk_weights: torch.Tensor
-    scales: torch.Tensor | None
-    num_tokens: int | None
-    num_tokens_device: torch.Tensor | None
-
-    @property
-    def num_rows(self) -> int:
-        return self.x.shape[0]
-
-
-class DispatchOutputs(NamedTuple):
-    """The tensors a dispatch writes (docs/SPEC.md section 3); scales/offsets may be None."""
-
-    hidden: torch.Tensor
-    scales: torch.Tensor | None
-    weights: torch.Tensor
-    row_expert: torch.Tensor
-    tokens_per_expert: torch.Tensor
-    offsets: torch.Tensor | None
 
 
 def _check_tensor(name: str, t, *, dtypes, shape, device: torch.device, aligned: bool = False) -> None:
@@ -83,7 +56,6 @@ def check_dispatch_args(config: BufferConfig, device: torch.device, x, topk_idx,
         raise ValueError("scales are only accepted for FP8 payloads; this buffer carries bfloat16")
 
     # num_tokens: None (= m), a Python int in [0, m], or a 1-element int32 tensor on the buffer's device.
-    num_tokens_device = None
     if num_tokens is None:
         num_tokens = m
     elif isinstance(num_tokens, torch.Tensor):
@@ -92,24 +64,34 @@ def check_dispatch_args(config: BufferConfig, device: torch.device, x, topk_idx,
                             f"with {num_tokens.numel()} elements")
         if num_tokens.device != device:
             raise ValueError(f"num_tokens must be on {device}, got {num_tokens.device}")
-        num_tokens_device, num_tokens = num_tokens, None
     elif isinstance(num_tokens, int) and not isinstance(num_tokens, bool):
         if not 0 <= num_tokens <= m:
             raise ValueError(f"num_tokens must be in [0, {m}] (rows of x), got {num_tokens}")
     else:
         raise TypeError(f"num_tokens must be None, an int or an int32 tensor, got {type(num_tokens).__name__}")
 
-    return DispatchArgs(x, topk_idx, topk_weights, scales, num_tokens, num_tokens_device)
+    return DispatchArgs(x, topk_idx, topk_weights, scales, num_tokens)
 
 
-def check_combine_args(config: BufferConfig, device: torch.device, y, out, num_rows: int, *,
-                       topk_idx=None) -> None:
+def check_combine_args(config: BufferConfig, device: torch.device, y, out, num_rows: int, weighted, *,
+                       topk_idx=None, dispatched: DispatchOutputs | None = None) -> CombineArgs:
+    """The checks of both combines (the eager API and the custom op). ``num_rows`` is m of
+    the dispatch the combine is for; ``out`` is the caller's or the backend's default view."""
+    if not isinstance(weighted, bool):
+        raise TypeError(f"weighted must be a bool, got {type(weighted).__name__}")
+
+    # y: the expert outputs in the dispatch layout, [*R, H] bf16.
     row_shape = config.row_shape
     _check_tensor("y", y, dtypes=(torch.bfloat16,), shape=(*row_shape, config.hidden), device=device, aligned=True)
-    if out is not None:
-        _check_tensor("out", out, dtypes=(torch.bfloat16,), shape=(num_rows, config.hidden), device=device,
-                      aligned=True)
+
+    # out: [m, H] bf16, m the rows of the dispatched x.
+    if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] != num_rows:
+        raise ValueError(f"out must have shape {[num_rows, config.hidden]}, {num_rows} rows as the dispatched x had, "
+                         f"got {list(out.shape)}")
+    _check_tensor("out", out, dtypes=(torch.bfloat16,), shape=(num_rows, config.hidden), device=device, aligned=True)
+
     # The custom op's routing, for the stale-combine check: the dispatch's [m, K] ids.
     if topk_idx is not None:
         _check_tensor("topk_idx", topk_idx, dtypes=(torch.int32, torch.int64), shape=(num_rows, config.top_k),
                       device=device)
+    return CombineArgs(y, out, num_rows, weighted, topk_idx, dispatched)

@@ -12,6 +12,7 @@ counts every multi-rank GPU test runs at (``benchmarks/gpu_run.sh --one-gpu`` se
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -26,6 +27,27 @@ SHARE_GPU_ENV = "HYBRID_EP_INFER_TEST_SHARE_GPU"
 WORLD_SIZES_ENV = "HYBRID_EP_INFER_TEST_WORLD_SIZES"
 # Ranks of one test (every rank's blocks must fit the GPU's SMs: EPBuffer checks).
 MAX_SHARED_RANKS = 8
+
+
+class CheckFailed(AssertionError):
+    """A named check of a worker failed; the message names the check, the case and the rank,
+    and the original exception is chained below it."""
+
+
+@contextlib.contextmanager
+def check(name: str, case: object = None):
+    """Run one check of a worker: a failure inside says ``"<name> failed for <case> on rank r: ..."``.
+
+    A worker runs several checks in one spawned process, where a bare assertion or a CUDA
+    error would not say which of them broke. Wrap whole checks only, never code that a
+    surrounding ``pytest.raises`` expects to raise (this changes the exception's type).
+    """
+    try:
+        yield
+    except Exception as e:
+        where = f" for {case}" if case is not None else ""
+        rank = f" on rank {dist.get_rank()}" if dist.is_initialized() else ""
+        raise CheckFailed(f"{name} failed{where}{rank}: {type(e).__name__}: {e}") from e
 
 
 def gpu_count() -> int:

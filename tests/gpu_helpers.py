@@ -71,7 +71,7 @@ def assert_dispatch_equal(got, want, what: str = "") -> None:
 
 def poison(buf: EPBuffer) -> None:
     """Fill every output with garbage, so unwritten rows cannot pass as written."""
-    b = buf._backend
+    b = buf.dispatch_outputs
     b.hidden.view(torch.uint8).fill_(0x7F)
     b.weights.fill_(float("nan"))
     b.row_expert.fill_(12345)

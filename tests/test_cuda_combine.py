@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from hybrid_ep_infer import placement
 from hybrid_ep_infer._native import NativeError
 
-from dist_utils import gpu_world_sizes, rank_device, ranks_share_gpus, spawn_gpu, tokens_that_fit
+from dist_utils import check, gpu_world_sizes, rank_device, ranks_share_gpus, spawn_gpu, tokens_that_fit
 from gpu_helpers import assert_dispatch_equal, assert_same_errors, dispatch, make_buffer, max_over_ranks, to_device
 from moe_cases import Case, bits_equal, experts_on_dispatch_output, make_inputs
 
@@ -94,7 +94,8 @@ def check_tunings(rank: int, world_size: int) -> None:
     for i, tuning in enumerate(TUNINGS):
         case = dataclasses.replace(base, routing=("ragged", "empty_rank", "skewed", "random", "ragged")[i], seed=60 + i,
                                    layout=("contiguous", "batched")[i % 2], hidden=shapes[i][0], dtype=shapes[i][1])
-        check_round_trip(rank, case, ("int", "device")[i % 2], tuning=tuning)
+        with check(f"round trip under tuning {i} ({tuning})", case):
+            check_round_trip(rank, case, ("int", "device")[i % 2], tuning=tuning)
 
 
 def check_tuner(rank: int, world_size: int) -> None:
@@ -104,16 +105,20 @@ def check_tuner(rank: int, world_size: int) -> None:
     case = Case(world_size=world_size, hidden=1024, max_tokens=256, num_experts=4 * world_size, top_k=4, seed=70)
     with make_buffer(case, "cuda", tune=True) as cud:
         chosen = cud._backend.tuning
-        for bad in (dict(dispatch_send_warps=16), dict(combine_reduce_warps=0), dict(dispatch_chunk_tokens=257),
-                    dict(combine_chunk_tokens=0), dict(dispatch_expand_tma=2), dict(dispatch_send_tma=-1)):
-            with pytest.raises(NativeError, match=next(iter(bad))):
-                cud._backend.context.set_tuning(**bad)
-        assert cud._backend.context.get_tuning() == chosen
-    assert tuple(chosen[name] for name in tuner.DISPATCH_FIELDS) in tuner.DISPATCH_CANDIDATES, chosen
-    assert tuple(chosen[name] for name in tuner.COMBINE_FIELDS) in tuner.COMBINE_CANDIDATES, chosen
-    everyone = placement.all_gather_bytes(repr(sorted(chosen.items())).encode(), None)
-    assert len(set(everyone)) == 1, everyone
-    check_round_trip(rank, case, tuning=chosen)
+        with check("set_tuning refuses fields out of range and keeps the tuning", case):
+            for bad in (dict(dispatch_send_warps=16), dict(combine_reduce_warps=0), dict(dispatch_chunk_tokens=257),
+                        dict(combine_chunk_tokens=0), dict(dispatch_expand_tma=2), dict(dispatch_send_tma=-1)):
+                with pytest.raises(NativeError, match=next(iter(bad))):
+                    cud._backend.context.set_tuning(**bad)
+            assert cud._backend.context.get_tuning() == chosen
+    with check("the tuner chooses one of its candidates", case):
+        assert tuple(chosen[name] for name in tuner.DISPATCH_FIELDS) in tuner.DISPATCH_CANDIDATES, chosen
+        assert tuple(chosen[name] for name in tuner.COMBINE_FIELDS) in tuner.COMBINE_CANDIDATES, chosen
+    with check("every rank chooses the same tuning", case):
+        everyone = placement.all_gather_bytes(repr(sorted(chosen.items())).encode(), None)
+        assert len(set(everyone)) == 1, everyone
+    with check("round trip under the chosen tuning", case):
+        check_round_trip(rank, case, tuning=chosen)
 
 
 def combine_cases(world_size: int, full: bool) -> list[Case]:
@@ -359,23 +364,36 @@ def time_ops(rank: int, world_size: int) -> None:
                 print(f"[timing]   {name:9s} eager {eager:9.1f}   graph {replayed:9.1f}")
 
 
+def round_trips(rank: int, world_size: int, full: bool) -> None:
+    for i, case in enumerate(combine_cases(world_size, full=full)):
+        num_tokens = ("int", "device", "default")[i % 3]
+        with check(f"round trip against the reference (num_tokens {num_tokens})", case):
+            check_round_trip(rank, case, num_tokens)
+
+
 def smoke_worker(rank: int, world_size: int) -> None:
-    for i, case in enumerate(combine_cases(world_size, full=False)):
-        check_round_trip(rank, case, ("int", "device", "default")[i % 3])
-    check_combines_with_a_rank_running_ahead(rank, world_size)
-    check_tunings(rank, world_size)
-    check_tuner(rank, world_size)
-    run_graph_round_trip(rank, world_size, replays=100)
-    run_moe_layer(rank, world_size, replays=100)
+    round_trips(rank, world_size, full=False)
+    with check("combines with a rank running ahead", f"W={world_size}"):
+        check_combines_with_a_rank_running_ahead(rank, world_size)
+    with check("bit-equal results under far-off tunings", f"W={world_size}"):
+        check_tunings(rank, world_size)
+    with check("the construction-time tuner", f"W={world_size}"):
+        check_tuner(rank, world_size)
+    with check("graph replay of the round trip", f"W={world_size}, 100 replays"):
+        run_graph_round_trip(rank, world_size, replays=100)
+    with check("MoE layer in a CUDA graph", f"W={world_size}, 100 replays"):
+        run_moe_layer(rank, world_size, replays=100)
 
 
 def full_worker(rank: int, world_size: int) -> None:
-    for i, case in enumerate(combine_cases(world_size, full=True)):
-        check_round_trip(rank, case, ("int", "device", "default")[i % 3])
-    run_graph_round_trip(rank, world_size, replays=120)
-    run_moe_layer(rank, world_size, replays=120)
+    round_trips(rank, world_size, full=True)
+    with check("graph replay of the round trip", f"W={world_size}, 120 replays"):
+        run_graph_round_trip(rank, world_size, replays=120)
+    with check("MoE layer in a CUDA graph", f"W={world_size}, 120 replays"):
+        run_moe_layer(rank, world_size, replays=120)
     if world_size == 4 and not ranks_share_gpus():  # NVLink timings; shared GPUs: python -m hybrid_ep_infer.bench
-        time_ops(rank, world_size)
+        with check("combine timing", f"W={world_size}"):
+            time_ops(rank, world_size)
 
 
 @pytest.mark.gpu

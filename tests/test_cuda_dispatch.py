@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from hybrid_ep_infer import BufferClosedError, PeerTimeoutError, mapped_peer_buffers
 
-from dist_utils import gpu_world_sizes, rank_device, ranks_share_gpus, spawn_gpu, tokens_that_fit
+from dist_utils import check, gpu_world_sizes, rank_device, ranks_share_gpus, spawn_gpu, tokens_that_fit
 from gpu_helpers import (
     assert_dispatch_equal,
     assert_same_errors,
@@ -196,28 +196,41 @@ def count_rows_sent(case: Case, inp, rank: int) -> int:
 
 def smoke_worker(rank: int, world_size: int) -> None:
     for i, case in enumerate(smoke_cases(world_size)):
-        check_case(rank, case, ("int", "device", "default")[i % 3])
+        num_tokens = ("int", "device", "default")[i % 3]
+        with check(f"dispatch against the reference (num_tokens {num_tokens})", case):
+            check_case(rank, case, num_tokens)
     # One block per kernel: scan's block counts every source and its warps rank several
     # columns each, place's threads take several (source, token) items (grid-stride paths).
     one_block = dataclasses.replace(smoke_cases(world_size)[0], max_tokens=512, routing="skewed", seed=5)
-    check_case(rank, one_block, "device", num_sms=1)
+    with check("dispatch with one block per kernel (num_sms=1)", one_block):
+        check_case(rank, one_block, "device", num_sms=1)
     # Many experts: the scan's blocks run fewer warps (their per-expert tables fill shared memory).
     many_experts = dataclasses.replace(smoke_cases(world_size)[0], hidden=512,
                                        num_experts=1024 // world_size * world_size, routing="skewed", seed=6)
-    check_case(rank, many_experts, "int")
-    run_graph_replay(rank, world_size, replays=100)
-    run_missing_peer(rank, world_size)
-    assert mapped_peer_buffers() == 0, "closed buffers left peer mappings behind"
+    with check("dispatch with many experts", many_experts):
+        check_case(rank, many_experts, "int")
+    with check("graph replay of dispatch", f"W={world_size}, 100 replays"):
+        run_graph_replay(rank, world_size, replays=100)
+    with check("missing peer times out", f"W={world_size}"):
+        run_missing_peer(rank, world_size)
+    with check("no peer mappings left", f"W={world_size}"):
+        assert mapped_peer_buffers() == 0, "closed buffers left peer mappings behind"
 
 
 def full_worker(rank: int, world_size: int) -> None:
     for i, case in enumerate(full_cases(world_size)):
-        check_case(rank, case, ("int", "device", "default")[i % 3])
-    run_graph_replay(rank, world_size, replays=120)
+        num_tokens = ("int", "device", "default")[i % 3]
+        with check(f"dispatch against the reference (num_tokens {num_tokens})", case):
+            check_case(rank, case, num_tokens)
+    with check("graph replay of dispatch", f"W={world_size}, 120 replays"):
+        run_graph_replay(rank, world_size, replays=120)
     if world_size == 4 and not ranks_share_gpus():  # NVLink timings; shared GPUs: python -m hybrid_ep_infer.bench
-        time_dispatch(rank, world_size)
-    run_missing_peer(rank, world_size)
-    assert mapped_peer_buffers() == 0, "closed buffers left peer mappings behind"
+        with check("dispatch timing", f"W={world_size}"):
+            time_dispatch(rank, world_size)
+    with check("missing peer times out", f"W={world_size}"):
+        run_missing_peer(rank, world_size)
+    with check("no peer mappings left", f"W={world_size}"):
+        assert mapped_peer_buffers() == 0, "closed buffers left peer mappings behind"
 
 
 @pytest.mark.gpu

@@ -15,7 +15,6 @@ import torch.distributed as dist
 
 from hybrid_ep_infer import PeerTimeoutError, mapped_peer_buffers
 from hybrid_ep_infer._native import NativeError
-from hybrid_ep_infer.validation import check_dispatch_args
 
 from dist_utils import gpu_world_sizes, rank_device, spawn_gpu
 from gpu_helpers import assert_dispatch_equal, assert_same_errors, dispatch, make_buffer, poison, to_device
@@ -30,35 +29,26 @@ def use_path(buf, path: str) -> None:
 
 
 def run_dispatch(buf, inp, path: str, num_tokens="int"):
-    """Dispatch on `path`; returns the buffer's outputs (what DispatchResult views)."""
+    """Dispatch on `path` (the split halves through EPBuffer.dispatch_send/dispatch_recv)."""
     use_path(buf, path)
     if path != "split":
         return dispatch(buf, inp, num_tokens)
     n = inp.num_tokens if num_tokens != "device" else torch.tensor([inp.num_tokens], dtype=torch.int32,
                                                                      device=inp.x.device)
-    args = check_dispatch_args(buf.config, buf.device, inp.x, inp.topk_idx, inp.topk_weights, inp.scales, n)
-    context = buf._backend.context
-    context.dispatch(args.x, args.scales, args.topk_idx, args.topk_weights, args.num_tokens, args.num_tokens_device,
-                     half="send")
-    context.dispatch_recv()
-    return buf._backend.outputs
+    pending = buf.dispatch_send(inp.x, inp.topk_idx, inp.topk_weights, scales=inp.scales, num_tokens=n)
+    return buf.dispatch_recv(pending)
 
 
-def run_combine(buf, y, num_rows: int, split: bool, weighted: bool = True) -> torch.Tensor:
-    out = torch.full((num_rows, buf.config.hidden), float("nan"), dtype=torch.bfloat16, device=buf.device)
-    context = buf._backend.context
+def run_combine(buf, y, handle, split: bool, weighted: bool = True) -> torch.Tensor:
+    out = torch.full((handle.num_rows, buf.config.hidden), float("nan"), dtype=torch.bfloat16, device=buf.device)
     if split:
-        context.combine(y, out, num_rows, weighted, half="send")
-        context.combine_recv()
-    else:
-        context.combine(y, out, num_rows, weighted)
-    return out
+        return buf.combine_recv(buf.combine_send(y, handle, out=out, weighted=weighted))
+    return buf.combine(y, handle, out=out, weighted=weighted)
 
 
 def check_paths(rank: int, case: Case, num_tokens: str = "int", **buffer_kw) -> None:
     device = rank_device(rank)
     inp = to_device(make_inputs(case)[rank], device)
-    m = inp.x.shape[0]
     with make_buffer(case, "cuda", low_latency=True, **buffer_kw) as cud, \
             make_buffer(case, "reference", device=device) as ref:
         want = dispatch(ref, inp, "int")
@@ -74,7 +64,7 @@ def check_paths(rank: int, case: Case, num_tokens: str = "int", **buffer_kw) -> 
                 torch.cuda.synchronize()
                 assert_dispatch_equal(got, want, what)
                 for weighted in (True, False):
-                    out = run_combine(cud, y, m, split=path == "split", weighted=weighted)
+                    out = run_combine(cud, y, got.handle, split=path == "split", weighted=weighted)
                     torch.cuda.synchronize()
                     assert bits_equal(out, want_out[weighted]), f"combine (weighted={weighted}) after {what}"
                 # the reference made one dispatch and two combines: repeat its counts per call
@@ -104,7 +94,7 @@ def check_mixed_paths(rank: int, world_size: int, steps: int) -> None:
             torch.cuda.synchronize()
             assert_dispatch_equal(got, want, what)
             y = experts_on_dispatch_output(want, rank, case.num_local_experts)
-            out = run_combine(cud, y, inp.x.shape[0], split=step % 2 == 1)
+            out = run_combine(cud, y, got.handle, split=step % 2 == 1)
             want_out = ref.combine(y, want.handle)
             torch.cuda.synchronize()
             assert bits_equal(out, want_out), f"combine after {what}"
@@ -135,15 +125,13 @@ def run_split_graph(rank: int, world_size: int, replays: int) -> None:
         return inp.num_tokens
 
     def layer(buf):
-        args = check_dispatch_args(buf.config, buf.device, x, idx, weights, None, n)
-        context = buf._backend.context
-        context.dispatch(args.x, None, args.topk_idx, args.topk_weights, None, args.num_tokens_device, half="send")
+        pending = buf.dispatch_send(x, idx, weights, num_tokens=n)
         torch.mm(a, a, out=other)  # work between the halves
-        context.dispatch_recv()
-        y = experts_on_dispatch_output(buf._backend.outputs, rank, L)
-        context.combine(y, out, T, True, half="send")
+        result = buf.dispatch_recv(pending)
+        y = experts_on_dispatch_output(result, rank, L)
+        pending = buf.combine_send(y, result.handle, out=out)
         torch.mm(a, a, out=other)
-        context.combine_recv()
+        buf.combine_recv(pending)
 
     with make_buffer(case, "cuda", low_latency=True) as cud, make_buffer(case, "reference", device=device) as ref:
         load(0, "random")
@@ -166,8 +154,8 @@ def run_split_graph(rank: int, world_size: int, replays: int) -> None:
 
 
 def check_pending_rules(rank: int, world_size: int) -> None:
-    """Out-of-order halves are refused on the host, before any launch (so this is safe
-    to run on one rank's schedule)."""
+    """Out-of-order halves are refused before anything is launched, by the buffer and by
+    the C library beneath it (so this is safe to run on every rank's own schedule)."""
     case = Case(world_size=world_size, hidden=256, max_tokens=16, num_experts=2 * world_size, top_k=2)
     with make_buffer(case, "cuda", low_latency=True) as cud:
         context = cud._backend.context
@@ -176,6 +164,7 @@ def check_pending_rules(rank: int, world_size: int) -> None:
         with pytest.raises(NativeError, match="no hep_combine_send is pending"):
             context.combine_recv()
     with make_buffer(case, "cuda", low_latency=False) as cud:
+        assert not cud.supports_split
         with pytest.raises(NativeError, match="low_latency"):
             use_path(cud, "low_latency")
 

@@ -9,7 +9,7 @@ import torch
 
 from hybrid_ep_infer import EPBuffer, ops
 
-from dist_utils import gpu_world_sizes, rank_device, spawn_gpu
+from dist_utils import check, gpu_world_sizes, rank_device, spawn_gpu
 
 H, T, E_PER_RANK, K = 2048, 64, 4, 2
 
@@ -41,36 +41,40 @@ def worker(rank: int, world_size: int) -> None:
         return (torch.randn(T, H, generator=gen).to(torch.bfloat16).to(device),
                 torch.randn(T, E, generator=gen).to(device), torch.randn(T, E, generator=gen).to(device))
 
+    case = f"W={world_size}, two layers of H={H}, T={T}, E={E}, K={K}"
     x, l1, l2 = fresh()
     want = two_layers(ref, x, l1, l2, scales).clone()
-    eager = two_layers(cud, x, l1, l2, scales).clone()
-    assert torch.equal(eager.view(torch.int16), want.view(torch.int16)), "eager ops: CUDA != reference"
+    with check("eager ops against the reference", case):
+        eager = two_layers(cud, x, l1, l2, scales).clone()
+        assert torch.equal(eager.view(torch.int16), want.view(torch.int16)), "eager ops: CUDA != reference"
 
     compiled = torch.compile(two_layers, fullgraph=True)
-    got = compiled(cud, x, l1, l2, scales).clone()
-    if not torch.equal(got.view(torch.int16), want.view(torch.int16)):
-        compiled_ref = torch.compile(two_layers, fullgraph=True)(ref, x, l1, l2, scales).clone()
-        raise AssertionError(
-            f"compiled CUDA != reference: {(got != want).sum().item()} elements differ; compiled reference "
-            f"{'equals' if torch.equal(compiled_ref, want) else 'differs from'} eager reference; output copies "
-            f"{cud._backend.output_copies}")
+    with check("compiled ops against the reference", case):
+        got = compiled(cud, x, l1, l2, scales).clone()
+        if not torch.equal(got.view(torch.int16), want.view(torch.int16)):
+            compiled_ref = torch.compile(two_layers, fullgraph=True)(ref, x, l1, l2, scales).clone()
+            raise AssertionError(
+                f"compiled CUDA != reference: {(got != want).sum().item()} elements differ; compiled reference "
+                f"{'equals' if torch.equal(compiled_ref, want) else 'differs from'} eager reference; output copies "
+                f"{cud._backend.output_copies}")
 
     # Capture the compiled layers once; replay with fresh inputs in the same tensors.
-    static = [t.clone() for t in (x, l1, l2)]
-    compiled(cud, *static, scales)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graph_out = compiled(cud, *static, scales)
-    for i in range(50):
-        for target, source in zip(static, fresh()):
-            target.copy_(source)
-        graph.replay()
-        got = graph_out.clone()
-        want = two_layers(ref, *static, scales)
+    with check("compiled ops replayed from a CUDA graph against the reference", case):
+        static = [t.clone() for t in (x, l1, l2)]
+        compiled(cud, *static, scales)
         torch.cuda.synchronize()
-        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), f"replay {i}"
-    cud.check_errors(synchronize=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            graph_out = compiled(cud, *static, scales)
+        for i in range(50):
+            for target, source in zip(static, fresh()):
+                target.copy_(source)
+            graph.replay()
+            got = graph_out.clone()
+            want = two_layers(ref, *static, scales)
+            torch.cuda.synchronize()
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16)), f"replay {i}"
+        cud.check_errors(synchronize=True)
 
     # Host-side cost of one eager call: the method against the op path.
     weights, idx = torch.softmax(l1, dim=-1).topk(K)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from hybrid_ep_infer import BufferClosedError, PeerTimeoutError, RoutingDataError, mapped_peer_buffers
 
-from dist_utils import gpu_world_sizes, launch, rank_device, ranks_per_gpu, spawn_gpu
+from dist_utils import check, gpu_world_sizes, launch, rank_device, ranks_per_gpu, spawn_gpu
 from gpu_helpers import assert_dispatch_equal, assert_same_errors, make_buffer, poison
 from moe_cases import Case
 
@@ -83,7 +83,8 @@ def fuzz_worker(rank: int, world_size: int, steps_per_case: int) -> None:
         case = at_world_size(case, world_size)
         rng = random.Random(1000 * c + rank)
         gen = torch.Generator().manual_seed(1000 * c + rank)
-        with make_buffer(case, "cuda") as cud, make_buffer(case, "reference", device=device) as ref:
+        with check(f"fuzz of dispatch and combine against the reference (case {c}, {steps_per_case} steps)", case), \
+                make_buffer(case, "cuda") as cud, make_buffer(case, "reference", device=device) as ref:
             for step in range(steps_per_case):
                 x, idx, w, scales, n = random_routing(rng, gen, case, device)
                 poison(cud)
@@ -148,19 +149,23 @@ def killed_peer_worker(rank: int, world_size: int, bound_s: float) -> None:
     if rank == 1:
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(0.5)  # let it die first: the timeout must not depend on the race
-    start = time.monotonic()
-    buf.combine(result.hidden, result.handle)
-    with pytest.raises(PeerTimeoutError) as info:
-        buf.check_errors(synchronize=True)
-    elapsed = time.monotonic() - start
-    assert bound_s * 0.9 <= elapsed <= bound_s + 10, elapsed
-    assert info.value.peer == 1 and "combine" in info.value.phase, str(info.value)
-    for call in (lambda: buf.dispatch(x, idx, w), lambda: buf.combine(result.hidden, result.handle),
-                 lambda: buf.check_errors()):
-        with pytest.raises(BufferClosedError):
-            call()
-    buf.close()
-    assert mapped_peer_buffers() == 0
+    where = f"W={world_size}, bound {bound_s} s"
+    with check("combine times out naming the killed peer", where):
+        start = time.monotonic()
+        buf.combine(result.hidden, result.handle)
+        with pytest.raises(PeerTimeoutError) as info:
+            buf.check_errors(synchronize=True)
+        elapsed = time.monotonic() - start
+        assert bound_s * 0.9 <= elapsed <= bound_s + 10, elapsed
+        assert info.value.peer == 1 and "combine" in info.value.phase, str(info.value)
+    with check("every call refused after the timeout", where):
+        for call in (lambda: buf.dispatch(x, idx, w), lambda: buf.combine(result.hidden, result.handle),
+                     lambda: buf.check_errors()):
+            with pytest.raises(BufferClosedError):
+                call()
+    with check("close after the timeout leaves no peer mappings", where):
+        buf.close()
+        assert mapped_peer_buffers() == 0
     print(f"[killed peer] rank {rank} raised after {elapsed:.2f} s (bound {bound_s} s): {info.value}", flush=True)
 
 
@@ -171,17 +176,18 @@ def slow_peer_worker(rank: int, world_size: int) -> None:
     with make_buffer(peer_case(world_size), "cuda", timeout_s=2.0) as cud, \
             make_buffer(peer_case(world_size), "reference", device=device) as ref:
         for step in range(3):
-            dist.barrier()
-            if rank == 1:
-                time.sleep(1.0)
-            got = cud.dispatch(x, idx, w)
-            out = cud.combine(got.hidden, got.handle)
-            want = ref.dispatch(x, idx, w)
-            expected = ref.combine(want.hidden, want.handle)
-            torch.cuda.synchronize()
-            cud.check_errors()
-            assert_dispatch_equal(got, want, f"slow peer step {step}")
-            assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+            with check(f"a peer late by 1 s of a 2 s bound, step {step}", peer_case(world_size)):
+                dist.barrier()
+                if rank == 1:
+                    time.sleep(1.0)
+                got = cud.dispatch(x, idx, w)
+                out = cud.combine(got.hidden, got.handle)
+                want = ref.dispatch(x, idx, w)
+                expected = ref.combine(want.hidden, want.handle)
+                torch.cuda.synchronize()
+                cud.check_errors()
+                assert_dispatch_equal(got, want, f"slow peer step {step}")
+                assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
 
 
 def exit_without_close_worker(rank: int, world_size: int) -> None:
@@ -199,7 +205,8 @@ def fresh_run_worker(rank: int, world_size: int) -> None:
     device = rank_device(rank)
     x, idx, w = inputs_for(rank, device, seed=2)
     case = peer_case(world_size)
-    with make_buffer(case, "cuda") as cud, make_buffer(case, "reference", device=device) as ref:
+    with check("fresh buffers after a killed or unclosed run", case), \
+            make_buffer(case, "cuda") as cud, make_buffer(case, "reference", device=device) as ref:
         got, want = cud.dispatch(x, idx, w), ref.dispatch(x, idx, w)
         out, expected = cud.combine(got.hidden, got.handle), ref.combine(want.hidden, want.handle)
         torch.cuda.synchronize()
@@ -247,23 +254,25 @@ def long_run_worker(rank: int, world_size: int, replays: int, check_every: int) 
         for i in range(1, replays + 1):
             graph.replay()
             if i % check_every == 0 or i == replays:
-                want = ref.dispatch(x, idx, w, num_tokens=int(n.item()))
-                expected = ref.combine(want.hidden, want.handle)
-                torch.cuda.synchronize()
-                assert_dispatch_equal(captured, want, f"rank {rank} replay {i}")
-                assert torch.equal(combined.view(torch.int16), expected.view(torch.int16)), f"replay {i}: combine"
-                cud.check_errors()  # no error counted, no timeout
+                with check(f"replay {i} of dispatch and combine against the reference", case):
+                    want = ref.dispatch(x, idx, w, num_tokens=int(n.item()))
+                    expected = ref.combine(want.hidden, want.handle)
+                    torch.cuda.synchronize()
+                    assert_dispatch_equal(captured, want, f"rank {rank} replay {i}")
+                    assert torch.equal(combined.view(torch.int16), expected.view(torch.int16)), f"replay {i}: combine"
+                    cud.check_errors()  # no error counted, no timeout
                 checks += 1
                 # An eager call with other inputs between replays.
-                ex, eidx, ew = inputs_for(rank, device, seed=i, case=case)
-                got = cud.dispatch(ex, eidx, ew, num_tokens=T // 2)
-                want = ref.dispatch(ex, eidx, ew, num_tokens=T // 2)
-                torch.cuda.synchronize()
-                assert_dispatch_equal(got, want, f"rank {rank} eager after replay {i}")
-                out = cud.combine(got.hidden, got.handle)
-                expected = ref.combine(want.hidden, want.handle)
-                torch.cuda.synchronize()
-                assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+                with check(f"eager call after replay {i} against the reference", case):
+                    ex, eidx, ew = inputs_for(rank, device, seed=i, case=case)
+                    got = cud.dispatch(ex, eidx, ew, num_tokens=T // 2)
+                    want = ref.dispatch(ex, eidx, ew, num_tokens=T // 2)
+                    torch.cuda.synchronize()
+                    assert_dispatch_equal(got, want, f"rank {rank} eager after replay {i}")
+                    out = cud.combine(got.hidden, got.handle)
+                    expected = ref.combine(want.hidden, want.handle)
+                    torch.cuda.synchronize()
+                    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
         elapsed = time.monotonic() - start
         if rank == 0:
             print(f"[long run] {replays} replays of dispatch+combine (T_max={T}, H={H}, E={E}, K={K}, W={world_size}),"
@@ -285,22 +294,24 @@ def two_streams_worker(rank: int, world_size: int, steps: int) -> None:
     ref = make_buffer(case, "reference", device=device)
     try:
         for step in range(steps):
-            inputs = [inputs_for(rank, device, seed=2 * step + b, case=case) for b in range(2)]
-            torch.cuda.synchronize()
-            outs = []
-            for b in range(2):
-                with torch.cuda.stream(streams[b]):
-                    result = buffers[b].dispatch(*inputs[b])
-                    outs.append((result, buffers[b].combine(result.hidden, result.handle)))
-            torch.cuda.synchronize()  # both streams
-            for buf in buffers:  # a timed-out wait is reported as such, before any comparison
-                buf.check_errors()
-            for b in range(2):
-                want = ref.dispatch(*inputs[b])
-                expected = ref.combine(want.hidden, want.handle)
+            with check(f"two buffers on two streams, step {step}, against the reference", case):
+                inputs = [inputs_for(rank, device, seed=2 * step + b, case=case) for b in range(2)]
                 torch.cuda.synchronize()
-                assert_dispatch_equal(outs[b][0], want, f"rank {rank} step {step} buffer {b}")
-                assert torch.equal(outs[b][1].view(torch.int16), expected.view(torch.int16)), f"step {step} buffer {b}"
+                outs = []
+                for b in range(2):
+                    with torch.cuda.stream(streams[b]):
+                        result = buffers[b].dispatch(*inputs[b])
+                        outs.append((result, buffers[b].combine(result.hidden, result.handle)))
+                torch.cuda.synchronize()  # both streams
+                for buf in buffers:  # a timed-out wait is reported as such, before any comparison
+                    buf.check_errors()
+                for b in range(2):
+                    want = ref.dispatch(*inputs[b])
+                    expected = ref.combine(want.hidden, want.handle)
+                    torch.cuda.synchronize()
+                    assert_dispatch_equal(outs[b][0], want, f"rank {rank} step {step} buffer {b}")
+                    assert torch.equal(outs[b][1].view(torch.int16), expected.view(torch.int16)), \
+                        f"step {step} buffer {b}"
     finally:
         for buf in buffers + [ref]:
             buf.close()
@@ -329,9 +340,10 @@ def leak_worker(rank: int, world_size: int, rounds: int) -> None:
     torch.cuda.synchronize()
     dist.barrier()
     free_after, _ = torch.cuda.mem_get_info(device)
-    assert mapped_peer_buffers() == mapped_before == 0
-    # Less than one buffer's worth: a leak of anything per round would be 200x that.
-    assert free_before - free_after < nbytes, (free_before, free_after, nbytes)
+    with check(f"{rounds} buffers created and closed leak nothing", peer_case(world_size)):
+        assert mapped_peer_buffers() == mapped_before == 0
+        # Less than one buffer's worth: a leak of anything per round would be 200x that.
+        assert free_before - free_after < nbytes, (free_before, free_after, nbytes)
     if rank == 0:
         print(f"[leaks] {rounds} buffers of {nbytes / 2**20:.1f} MiB created and closed: free memory "
               f"{free_before / 2**20:.1f} -> {free_after / 2**20:.1f} MiB, peer mappings 0", flush=True)

@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from hybrid_ep_infer import mapped_peer_buffers, placement
 
-from dist_utils import gpu_count, gpu_world_sizes, rank_device, spawn_gpu
+from dist_utils import check, gpu_count, gpu_world_sizes, rank_device, spawn_gpu
 from gpu_helpers import make_buffer
 from moe_cases import Case
 
@@ -21,20 +21,24 @@ def worker(rank: int, world_size: int) -> None:
     sm_count = torch.cuda.get_device_properties(device).multi_processor_count
     case = Case(world_size=world_size, hidden=512, max_tokens=32, num_experts=2 * world_size, top_k=2)
 
-    with make_buffer(case, "cuda") as buf:
-        assert buf._backend.ranks_on_device == on_my_gpu, (buf._backend.ranks_on_device, on_my_gpu)
-        assert buf.num_sms == min(placement.DEFAULT_NUM_SMS, sm_count // busiest), (buf.num_sms, busiest)
-        assert buf.num_sms * busiest <= sm_count
+    where = f"W={world_size} on {gpus} GPU(s), {busiest} rank(s) on the busiest"
+    with check("default num_sms fits the ranks on this GPU", where):
+        with make_buffer(case, "cuda") as buf:
+            assert buf._backend.ranks_on_device == on_my_gpu, (buf._backend.ranks_on_device, on_my_gpu)
+            assert buf.num_sms == min(placement.DEFAULT_NUM_SMS, sm_count // busiest), (buf.num_sms, busiest)
+            assert buf.num_sms * busiest <= sm_count
 
     too_many = sm_count // busiest + 1
     if too_many <= sm_count:  # some value can be too many for the sharing ranks without exceeding the GPU
-        with pytest.raises(ValueError) as info:
-            make_buffer(case, "cuda", num_sms=too_many)
-        message = str(info.value)
-        assert f"num_sms={too_many}" in message and f"{busiest} ranks share" in message, message
-        assert f"{busiest} x {too_many} = {busiest * too_many} > {sm_count}" in message, message
+        with check(f"num_sms={too_many} is refused", where):
+            with pytest.raises(ValueError) as info:
+                make_buffer(case, "cuda", num_sms=too_many)
+            message = str(info.value)
+            assert f"num_sms={too_many}" in message and f"{busiest} ranks share" in message, message
+            assert f"{busiest} x {too_many} = {busiest * too_many} > {sm_count}" in message, message
     dist.barrier()  # every rank raised, and none waits in a collective of a half-built buffer
-    assert mapped_peer_buffers() == 0
+    with check("no peer mappings left", where):
+        assert mapped_peer_buffers() == 0
     if rank == 0:
         print(f"\n[shared GPU] W={world_size} on {gpus} GPU(s): {busiest} rank(s) per GPU, num_sms "
               f"{min(placement.DEFAULT_NUM_SMS, sm_count // busiest)} of {sm_count} SMs", flush=True)

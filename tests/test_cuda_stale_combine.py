@@ -14,7 +14,7 @@ import torch
 
 from hybrid_ep_infer import EPBuffer, ErrorKind, RoutingDataError, ops
 
-from dist_utils import gpu_world_sizes, rank_device, spawn_gpu
+from dist_utils import check, gpu_world_sizes, rank_device, spawn_gpu
 from moe_cases import bits_equal
 
 H, T, E_PER_RANK, K = 1024, 32, 4, 2
@@ -88,16 +88,18 @@ def worker(rank: int, world_size: int) -> None:
     x = torch.randn(T, H, generator=gen).to(torch.bfloat16).to(device)
     routing_a, routing_b = routing(), routing()
 
+    case = f"W={world_size}, H={H}, T={T}, E={E}, K={K}"
     want = eager_cases(ref, x, routing_a, routing_b)
-    got = eager_cases(cud, x, routing_a, routing_b)
-    for i, (g, w) in enumerate(zip(got, want)):
-        assert bits_equal(g, w), f"eager case {i}: CUDA != reference"
-    for i in (1, 4):
-        assert not bits(got[i]).any(), f"eager case {i}: a stale combine must be +0.0"
+    with check("eager stale and valid combines against the reference", case):
+        got = eager_cases(cud, x, routing_a, routing_b)
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert bits_equal(g, w), f"eager case {i}: CUDA != reference"
+        for i in (1, 4):
+            assert not bits(got[i]).any(), f"eager case {i}: a stale combine must be +0.0"
 
     # A combine captured in a graph, replayed after eager dispatches: the check runs on the device.
     (w_a, idx_a), (w_b, idx_b) = routing_a, routing_b
-    idx_s, y_s = idx_a.clone(), torch.empty_like(cud._backend.hidden)
+    idx_s, y_s = idx_a.clone(), torch.empty_like(cud.dispatch_outputs.hidden)
     out_s = torch.empty(T, H, dtype=torch.bfloat16, device=device)
     d = ops.dispatch(cud, x, idx_s, w_a)
     y_s.copy_(d.hidden)
@@ -116,17 +118,18 @@ def worker(rank: int, world_size: int) -> None:
     # with other routing, valid again once idx_s holds that routing.
     steps = [(w_a, idx_s, False), (w_b, idx_b, True), (w_b, idx_s, False), (w_a, idx_a, True)]
     for step, (weights, idx, stale) in enumerate(steps):
-        d = ops.dispatch(cud, x, idx, weights)
-        y_s.copy_(d.hidden)
-        out_s.fill_(1.0)
-        graph.replay()
-        torch.cuda.synchronize()
-        if stale:
-            assert not bits(out_s).any(), f"replay {step}: a stale combine must be +0.0"
-            expect_errors(cud, {ErrorKind.STALE_COMBINE: 1})
-        else:
-            assert bits_equal(out_s, reference_combine(weights, idx)), f"replay {step}"
-            expect_errors(cud, {})
+        with check(f"replayed combine, step {step} ({'stale' if stale else 'valid'})", case):
+            d = ops.dispatch(cud, x, idx, weights)
+            y_s.copy_(d.hidden)
+            out_s.fill_(1.0)
+            graph.replay()
+            torch.cuda.synchronize()
+            if stale:
+                assert not bits(out_s).any(), f"replay {step}: a stale combine must be +0.0"
+                expect_errors(cud, {ErrorKind.STALE_COMBINE: 1})
+            else:
+                assert bits_equal(out_s, reference_combine(weights, idx)), f"replay {step}"
+                expect_errors(cud, {})
         if step == 1:
             idx_s.copy_(idx_b)
     cud.close()

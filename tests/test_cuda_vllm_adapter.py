@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_utils import gpu_world_sizes, rank_device, spawn_gpu
+from dist_utils import check, gpu_world_sizes, rank_device, spawn_gpu
 
 H, T, E_PER_RANK, K = 256, 64, 4, 2
 REPLAYS = 20
@@ -148,7 +148,7 @@ def run(rank: int, world_size: int, dtype: torch.dtype, local_ids: bool, layout:
         topk_ids.copy_(ids)
         topk_weights.copy_(weights)
 
-    def check(got: torch.Tensor, what: str) -> None:
+    def compare(got: torch.Tensor, what: str) -> None:
         want = layer(pf_ref, x, topk_weights, topk_ids, A, B, quant)
         x_in = fp8_input.dequantize(*fp8_input.quantize(x)) if fp8 else x  # what the experts see
         exact = no_expert_parallelism(x_in, topk_weights, topk_ids, A, B)
@@ -159,7 +159,7 @@ def run(rank: int, world_size: int, dtype: torch.dtype, local_ids: bool, layout:
         assert err <= bound, f"rank {rank} {what}: relative error {err} against no expert parallelism"
 
     load()
-    check(layer(pf_cuda, x, topk_weights, topk_ids, A, B, quant).clone(), "eager warm-up")
+    compare(layer(pf_cuda, x, topk_weights, topk_ids, A, B, quant).clone(), "eager warm-up")
     cud.check_errors(synchronize=True)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -167,10 +167,10 @@ def run(rank: int, world_size: int, dtype: torch.dtype, local_ids: bool, layout:
     for i in range(REPLAYS):
         load()
         graph.replay()
-        check(graph_out.clone(), f"replay {i}")
+        compare(graph_out.clone(), f"replay {i}")
         if i % 5 == 4:  # an eager call between replays
             load()
-            check(layer(pf_cuda, x, topk_weights, topk_ids, A, B, quant).clone(), f"eager after replay {i}")
+            compare(layer(pf_cuda, x, topk_weights, topk_ids, A, B, quant).clone(), f"eager after replay {i}")
     cud.check_errors(synchronize=True)
     ref.check_errors()
     torch.cuda.synchronize()
@@ -179,8 +179,10 @@ def run(rank: int, world_size: int, dtype: torch.dtype, local_ids: bool, layout:
 
 
 def worker(rank: int, world_size: int) -> None:
-    run(rank, world_size, torch.bfloat16, local_ids=False)
-    run(rank, world_size, torch.float32, local_ids=True)
+    with check("adapter layer in a CUDA graph", f"W={world_size}, bf16, global ids"):
+        run(rank, world_size, torch.bfloat16, local_ids=False)
+    with check("adapter layer in a CUDA graph", f"W={world_size}, fp32, local ids"):
+        run(rank, world_size, torch.float32, local_ids=True)
 
 
 @pytest.mark.gpu
@@ -190,9 +192,12 @@ def test_vllm_adapter_layer_in_a_cuda_graph(world_size):
 
 
 def formats_worker(rank: int, world_size: int) -> None:
-    run(rank, world_size, torch.bfloat16, local_ids=False, layout="batched")
-    run(rank, world_size, torch.bfloat16, local_ids=False, fp8=True)
-    run(rank, world_size, torch.bfloat16, local_ids=False, layout="batched", fp8=True)
+    with check("adapter layer in a CUDA graph", f"W={world_size}, bf16, batched"):
+        run(rank, world_size, torch.bfloat16, local_ids=False, layout="batched")
+    with check("adapter layer in a CUDA graph", f"W={world_size}, block-FP8 input, contiguous"):
+        run(rank, world_size, torch.bfloat16, local_ids=False, fp8=True)
+    with check("adapter layer in a CUDA graph", f"W={world_size}, block-FP8 input, batched"):
+        run(rank, world_size, torch.bfloat16, local_ids=False, layout="batched", fp8=True)
 
 
 @pytest.mark.gpu

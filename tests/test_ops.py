@@ -47,18 +47,18 @@ def test_opcheck_dispatch_and_combine(one_rank_group):
     with make_buffer() as buf:
         x, logits = routing(0)
         weights, idx = torch.softmax(logits, dim=-1).topk(K)
-        out = buf._backend.outputs
+        out = buf.dispatch_outputs
         n = torch.tensor([T - 3], dtype=torch.int32)
         for num_tokens_device, num_tokens in ((None, -1), (None, 5), (n, -1)):
             torch.library.opcheck(torch.ops.hybrid_ep_infer.dispatch.default,
-                                  (buf._id, x, idx, weights, None, num_tokens_device, num_tokens, out.hidden,
+                                  (buf.id, x, idx, weights, None, num_tokens_device, num_tokens, out.hidden,
                                    out.scales, out.weights, out.row_expert, out.tokens_per_expert, out.offsets))
         ops.dispatch(buf, x, idx, weights)
         y = out.hidden.clone()
         combined = torch.empty(T, H, dtype=torch.bfloat16)
         for weighted in (True, False):
             torch.library.opcheck(torch.ops.hybrid_ep_infer.combine.default,
-                                  (buf._id, y, idx, out.weights, out.row_expert, out.tokens_per_expert, out.offsets,
+                                  (buf.id, y, idx, out.weights, out.row_expert, out.tokens_per_expert, out.offsets,
                                    weighted, combined))
 
 

@@ -1,5 +1,5 @@
 """Where ranks run (CPU): the rank -> GPU map, the SM budget of ranks that share a GPU,
-the byte gather used at construction, and how GPU tests decide to skip."""
+the byte gather used at construction, how GPU tests decide to skip and how their checks fail."""
 
 import pytest
 
@@ -80,3 +80,16 @@ def test_world_sizes_come_from_the_environment(monkeypatch):
     monkeypatch.setenv(dist_utils.WORLD_SIZES_ENV, "0")
     with pytest.raises(ValueError, match="positive rank counts"):
         dist_utils.gpu_world_sizes((2,))
+
+
+def test_a_failed_gpu_check_names_itself_and_its_case():
+    """GPU workers wrap each check in dist_utils.check, so a failure says which one broke."""
+    rank = "( on rank 0)?"  # where an earlier test left a process group
+    with pytest.raises(dist_utils.CheckFailed, match=rf"^graph replay failed for W=2{rank}: AssertionError: replay 3$"):
+        with dist_utils.check("graph replay", "W=2"):
+            raise AssertionError("replay 3")
+    with pytest.raises(dist_utils.CheckFailed, match=rf"^no leaks failed{rank}: RuntimeError: boom$"):
+        with dist_utils.check("no leaks"):
+            raise RuntimeError("boom")
+    with dist_utils.check("passes", "any case"):
+        pass

@@ -138,7 +138,7 @@ def test_independent_of_the_default_dtype(one_rank_group):
     torch.set_default_dtype(torch.bfloat16)
     try:
         with make_buffer(pad_multiple=2) as buf:
-            assert buf._backend.weights.dtype == torch.float32
+            assert buf.dispatch_outputs.weights.dtype == torch.float32
             r = buf.dispatch(X, IDX, W)
             got = buf.combine((r.hidden.float() * 1.5).to(torch.bfloat16), r.handle,
                               out=torch.empty(4, 8, dtype=torch.bfloat16))

@@ -58,8 +58,8 @@ def run_case(rank: int, case: Case, num_tokens_form: str) -> None:
         num_tokens = {"int": n, "tensor": torch.tensor([n], dtype=torch.int32),
                       "default": None if n == mine.x.shape[0] else n}[num_tokens_form]
         # Poison: a previous call's outputs must not leak into this one.
-        buf._backend.hidden.view(torch.uint8).fill_(0x7F)
-        buf._backend.weights.fill_(float("nan"))
+        buf.dispatch_outputs.hidden.view(torch.uint8).fill_(0x7F)
+        buf.dispatch_outputs.weights.fill_(float("nan"))
         result = buf.dispatch(mine.x, mine.topk_idx, mine.topk_weights, scales=mine.scales, num_tokens=num_tokens)
         want = check_dispatch(case, inputs, rank, result)
 

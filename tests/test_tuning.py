@@ -15,7 +15,8 @@ from dist_utils import single_rank_group
 
 
 def test_candidates_are_valid_and_include_the_defaults():
-    for candidates, fields, default in ((tuning.DISPATCH_CANDIDATES, tuning.DISPATCH_FIELDS, (4, 1, 0, 0)),
+    planned = tuple(c[1:] for c in tuning.DISPATCH_CANDIDATES if c[0] == tuning.PLANNED)
+    for candidates, fields, default in ((planned, tuning.DISPATCH_FIELDS[1:], (4, 1, 0, 0)),
                                         (tuning.COMBINE_CANDIDATES, tuning.COMBINE_FIELDS, (13, 1))):
         assert default in candidates
         assert len(set(candidates)) == len(candidates)
@@ -23,6 +24,11 @@ def test_candidates_are_valid_and_include_the_defaults():
             assert len(candidate) == len(fields)
             warps, chunk, *tma = candidate
             assert 1 <= warps <= 15 and chunk >= 1 and all(flag in (0, 1) for flag in tma)
+    # One low-latency candidate, first (it wins ties); only buffers built with it time it.
+    assert [c[0] for c in tuning.DISPATCH_CANDIDATES].count(tuning.LOW_LATENCY) == 1
+    assert tuning.DISPATCH_CANDIDATES[0][0] == tuning.LOW_LATENCY
+    assert tuning.dispatch_candidates(False) == tuning.DISPATCH_CANDIDATES[1:]
+    assert tuning.dispatch_candidates(True) == tuning.DISPATCH_CANDIDATES
     # Every tuning field is chosen by the tuner (names as in the C struct).
     from hybrid_ep_infer._native import Tuning
 
@@ -77,7 +83,7 @@ class _FakeContext:
     """Stands in for the native context: keeps a tuning, counts calls."""
 
     def __init__(self):
-        self.fields = dict(dispatch_send_warps=4, dispatch_chunk_tokens=1, dispatch_send_tma=0, dispatch_expand_tma=0,
+        self.fields = dict(dispatch_path=1, dispatch_send_warps=4, dispatch_chunk_tokens=1, dispatch_send_tma=0, dispatch_expand_tma=0,
                            combine_reduce_warps=13, combine_chunk_tokens=1)
         self.calls = {"dispatch": 0, "combine": 0}
 
@@ -104,8 +110,9 @@ def test_tune_times_every_candidate_sets_the_choice_and_caches_it(monkeypatch):
     config = BufferConfig.create(rank=0, world_size=1, hidden=256, max_tokens=32, num_experts=4, top_k=2,
                                  dtype=torch.bfloat16, layout="contiguous", pad_multiple=1, capacity=None)
     context = _FakeContext()
-    backend = types.SimpleNamespace(config=config, device=torch.device("cpu"), context=context,
-                                    hidden=torch.zeros(64, 256, dtype=torch.bfloat16), combine_out=None)
+    backend = types.SimpleNamespace(config=config, device=torch.device("cpu"), context=context, supports_split=True,
+                                    outputs=types.SimpleNamespace(hidden=torch.zeros(64, 256, dtype=torch.bfloat16)),
+                                    combine_output=lambda rows: torch.zeros(rows, 256, dtype=torch.bfloat16))
     fastest_dispatch, fastest_combine = tuning.DISPATCH_CANDIDATES[5], tuning.COMBINE_CANDIDATES[7]
 
     def fake_time(configure, call, device):  # "measures" the tuning the candidate set

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hybrid_ep_infer import BufferClosedError, EPBuffer
+from hybrid_ep_infer import BufferClosedError, EPBuffer, memory, ops
 
 H, T, E, K = 128, 4, 4, 2
 
@@ -64,7 +64,15 @@ def test_default_capacity(one_rank_group):
         assert b.capacity == 1 * T * 2 + 4 * 7 + 4  # W*T*min(K, L) + L*(pad-1), rounded up to 8
     with EPBuffer(hidden=H, max_tokens=T, num_experts=E, top_k=K, layout="batched", backend="reference") as b:
         assert b.capacity == T
-        assert b.nbytes == (4 * T * H * 2) + 4 * T * 8 + 4 * 4 + T * H * 2
+
+
+@pytest.mark.parametrize("kw", [dict(pad_multiple=8), dict(layout="batched"),
+                                dict(dtype=torch.float8_e4m3fn, capacity=40)])
+def test_reference_nbytes_is_the_memory_formula(one_rank_group, kw):
+    """The reference backend holds exactly the outputs of memory.output_bytes (the README cites it)."""
+    kw = dict(dict(hidden=H, max_tokens=T, num_experts=E, top_k=K, backend="reference"), **kw)
+    with EPBuffer(**kw) as b:
+        assert b.nbytes == memory.output_bytes(b.config)
 
 
 @pytest.mark.parametrize("which, bad, error, match", [
@@ -151,3 +159,7 @@ def test_closed_buffer_refuses_calls(one_rank_group):
         b.dispatch(x, idx, w)
     with pytest.raises(BufferClosedError):
         b.check_errors()
+    with pytest.raises(BufferClosedError):  # the custom ops too, before they reach the op
+        ops.dispatch(b, x, idx, w)
+    with pytest.raises(BufferClosedError):
+        ops.combine(b, torch.zeros(b.capacity, H, dtype=torch.bfloat16), None, idx)

@@ -129,7 +129,7 @@ def run_case(cfg: BenchConfig, dtype_name: str, routing: str, n: int, timer: Tim
             rows = dequantize(r.hidden, r.scales)
             buf.combine(experts(rows, r.offsets[1:]), r.handle, out=out)
 
-        sms = buf._backend.desc.num_sms if cuda else None
+        sms = buf.num_sms if cuda else None
         tuning = dict(buf._backend.tuning) if cuda else None  # what the construction-time tuner chose
         ours_ops = {"dispatch": ours_dispatch, "combine": ours_combine, "round_trip": ours_round_trip,
                     "layer": ours_layer}
@@ -217,27 +217,22 @@ def time_split_halves(buf: EPBuffer, timer: Timer, x, idx, weights, scales, y, o
     """Graph-replayed: the other work alone (``other``), then send, the same work, receive
     for dispatch (``dispatch_split``) and combine (``combine_split``). A send half hides
     behind the work when dispatch_split - other is well below the one-call dispatch."""
-    from ..validation import check_dispatch_args
-
-    context = buf._backend.context
-    context.set_tuning(dispatch_path=1)
+    buf._backend.context.set_tuning(dispatch_path=1)
     other = calibrated_sleep(buf.device, SPLIT_WORK_US)
-    args = check_dispatch_args(buf.config, buf.device, x, idx, weights, scales, None)
-    m = x.shape[0]
+    state = {"result": buf.dispatch(x, idx, weights, scales=scales)}
 
     def dispatch_split():
-        context.dispatch(args.x, args.scales, args.topk_idx, args.topk_weights, args.num_tokens, None, half="send")
+        pending = buf.dispatch_send(x, idx, weights, scales=scales)
         other()
-        context.dispatch_recv()
+        state["result"] = buf.dispatch_recv(pending)
 
     def combine_split():
-        context.combine(y, out, m, True, half="send")
+        pending = buf.combine_send(y, state["result"].handle, out=out)
         other()
-        context.combine_recv()
+        buf.combine_recv(pending)
 
     impl = f"{OURS} low-latency"
     record("other", impl, "graph", timer.measure_graph(other), sms, tuning)
-    dispatch_split()
     record("dispatch_split", impl, "graph", timer.measure_graph(dispatch_split), sms, tuning)
     record("combine_split", impl, "graph", timer.measure_graph(combine_split), sms, tuning)
     return []

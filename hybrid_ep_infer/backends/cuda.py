@@ -11,14 +11,15 @@ import ctypes
 
 import torch
 
-from . import _native, placement, tuning
-from .config import CONTIGUOUS, BufferConfig
-from .errors import ErrorSnapshot
-from .peer_memory import PeerWorkspace
-from .validation import DispatchArgs, DispatchOutputs
+from .. import _native, placement, tuning
+from ..calls import CombineArgs, DispatchArgs, DispatchOutputs
+from ..config import CONTIGUOUS, BufferConfig
+from ..errors import ErrorSnapshot
+from ..peer_memory import PeerWorkspace
+from .base import Backend
 
 
-class CudaBackend:
+class CudaBackend(Backend):
     name = "cuda"
 
     def __init__(self, config: BufferConfig, group, device: torch.device, num_sms: int | None, timeout_s: float,
@@ -37,7 +38,7 @@ class CudaBackend:
         self.desc = _native.BufferDesc(
             size=ctypes.sizeof(_native.BufferDesc), version=_native.API_VERSION, rank=c.rank,
             world_size=c.world_size, hidden=c.hidden, max_tokens=c.max_tokens, num_experts=c.num_experts,
-            top_k=c.top_k, payload_bytes=torch.empty((), dtype=c.dtype).element_size(), has_scales=int(c.is_fp8),
+            top_k=c.top_k, payload_bytes=c.itemsize, has_scales=int(c.is_fp8),
             layout=0 if c.layout == CONTIGUOUS else 1, pad_multiple=c.pad_multiple, capacity=c.capacity,
             num_sms=num_sms, timeout_ns=int(timeout_s * 1e9), low_latency=int(low_latency))
         self.layout = _native.workspace_layout(self.desc)
@@ -56,12 +57,13 @@ class CudaBackend:
     def _make_views(self) -> None:
         c = self.config
         rows, L, H = c.row_shape, c.num_local_experts, c.hidden
-        self.hidden = self._view(self.layout.hidden, c.dtype, (*rows, H))
-        self.scales = self._view(self.layout.scales, torch.float32, (*rows, c.num_scale_blocks)) if c.is_fp8 else None
-        self.weights = self._view(self.layout.weights, torch.float32, rows)
-        self.row_expert = self._view(self.layout.row_expert, torch.int32, rows)
-        self.tokens_per_expert = self._view(self.layout.tokens_per_expert, torch.int32, (L,))
-        self.offsets = self._view(self.layout.offsets, torch.int32, (L + 1,)) if c.layout == CONTIGUOUS else None
+        self.outputs = DispatchOutputs(
+            hidden=self._view(self.layout.hidden, c.dtype, (*rows, H)),
+            scales=self._view(self.layout.scales, torch.float32, (*rows, c.num_scale_blocks)) if c.is_fp8 else None,
+            weights=self._view(self.layout.weights, torch.float32, rows),
+            row_expert=self._view(self.layout.row_expert, torch.int32, rows),
+            tokens_per_expert=self._view(self.layout.tokens_per_expert, torch.int32, (L,)),
+            offsets=self._view(self.layout.offsets, torch.int32, (L + 1,)) if c.layout == CONTIGUOUS else None)
         self.combine_out = self._view(self.layout.combine_out, torch.bfloat16, (c.max_tokens, H))
 
     def _view(self, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
@@ -75,30 +77,49 @@ class CudaBackend:
     def nbytes(self) -> int:
         return self.layout.total_bytes
 
-    @property
-    def outputs(self) -> DispatchOutputs:
-        return DispatchOutputs(self.hidden, self.scales, self.weights, self.row_expert, self.tokens_per_expert,
-                               self.offsets)
-
-    def dispatch(self, args: DispatchArgs, out: DispatchOutputs) -> None:
-        """Kernels write the workspace (peers write into it directly). Where ``out`` is
+    def dispatch(self, args: DispatchArgs, *, into: DispatchOutputs | None = None) -> None:
+        """Kernels write the workspace (peers write into it directly). Where ``into`` is
         another set of tensors (a compiler's functional copies), the results are copied
-        there too."""
-        self.context.dispatch(args.x, args.scales, args.topk_idx, args.topk_weights, args.num_tokens,
-                              args.num_tokens_device)
-        for target, source in zip(out, self.outputs):
-            if target is not None and target.data_ptr() != source.data_ptr():
-                target.copy_(source)
-                self.output_copies += 1
+        there too. The plan of the dispatch stays in the workspace: no state to return."""
+        self.context.dispatch(args)
+        if into is not None:
+            for target, source in zip(into, self.outputs):
+                if target is not None and target.data_ptr() != source.data_ptr():
+                    target.copy_(source)
+                    self.output_copies += 1
         return None
 
-    def combine(self, y: torch.Tensor, state, num_rows: int, out: torch.Tensor | None, weighted: bool,
-                weights: torch.Tensor, topk_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """Reads the plan and weights of the latest dispatch from the workspace. With
-        ``topk_idx``, the kernel also runs the stale-combine check (ops.py)."""
-        target = out if out is not None else self.combine_out[:num_rows]
-        self.context.combine(y, target, num_rows, weighted, topk_idx=topk_idx)
-        return target
+    def combine(self, args: CombineArgs, state: None) -> torch.Tensor:
+        """Reads the plan and weights of the latest dispatch from the workspace, never
+        ``args.dispatched``: where those are functional copies, dispatch copied the same
+        values into them. With ``args.topk_idx``, the kernel also runs the stale-combine
+        check (ops.py)."""
+        self.context.combine(args)
+        return args.out
+
+    @property
+    def supports_split(self) -> bool:
+        return bool(self.desc.low_latency)
+
+    def dispatch_send(self, args: DispatchArgs) -> None:
+        """The low-latency send kernel: routing and rows into the peers' staging slots."""
+        self.context.dispatch(args, half="send")
+        return None
+
+    def dispatch_recv(self, sent: None) -> None:
+        """The low-latency receive kernel: waits for the peers' routing and rows, places them."""
+        self.context.dispatch_recv()
+        return None
+
+    def combine_send(self, args: CombineArgs, state: None) -> torch.Tensor:
+        """The reducers' kernel: partial sums into their sources' workspaces."""
+        self.context.combine(args, half="send")
+        return args.out
+
+    def combine_recv(self, out: torch.Tensor) -> torch.Tensor:
+        """The gatherers' kernel: waits for the partials of every token, sums them into ``out``."""
+        self.context.combine_recv()
+        return out
 
     def take_errors(self) -> ErrorSnapshot:
         return self.context.take_errors()
@@ -110,8 +131,7 @@ class CudaBackend:
     def close(self) -> None:
         if self.workspace is not None or self.context is not None:
             torch.cuda.synchronize(self.device)  # nothing of ours may still run on this memory
-        self.hidden = self.scales = self.weights = self.row_expert = None
-        self.tokens_per_expert = self.offsets = self.combine_out = None
+        self.outputs = self.combine_out = None  # views of the memory freed below
         if self.workspace is not None:
             self.workspace.close()
             self.workspace = None

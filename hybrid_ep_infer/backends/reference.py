@@ -18,14 +18,15 @@ per source token, an fp32 sum of those bf16 partials in ascending rank order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 
-from .config import CONTIGUOUS, BufferConfig, align_up
-from .errors import ERROR_BLOCK_WORDS, ErrorKind, ErrorSnapshot
-from .validation import DispatchArgs, DispatchOutputs
+from ..calls import CombineArgs, DispatchArgs, DispatchOutputs
+from ..config import CONTIGUOUS, BufferConfig, align_up
+from ..errors import ERROR_BLOCK_WORDS, ErrorKind, ErrorSnapshot
+from .base import Backend
 
 
 def sanitize_routing(topk_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, int, int]:
@@ -69,7 +70,7 @@ class ReferenceRows:
     ids: torch.Tensor
 
 
-class ReferenceBackend:
+class ReferenceBackend(Backend):
     name = "reference"
 
     def __init__(self, config: BufferConfig, group, device: torch.device):
@@ -83,20 +84,20 @@ class ReferenceBackend:
         rows = c.row_shape
         # Outputs live here for the buffer's lifetime, like the CUDA backend's, so
         # results are views with the same lifetime rules on both backends.
-        self.hidden = torch.zeros(*rows, c.hidden, dtype=c.dtype, device=device)
-        self.scales = torch.zeros(*rows, c.num_scale_blocks, dtype=torch.float32, device=device) if c.is_fp8 else None
-        self.weights = torch.zeros(rows, dtype=torch.float32, device=device)
-        self.row_expert = torch.full(rows, -1, dtype=torch.int32, device=device)
-        self.tokens_per_expert = torch.zeros(c.num_local_experts, dtype=torch.int32, device=device)
-        self.offsets = (torch.zeros(c.num_local_experts + 1, dtype=torch.int32, device=device)
-                        if c.layout == CONTIGUOUS else None)
+        self.outputs = DispatchOutputs(
+            hidden=torch.zeros(*rows, c.hidden, dtype=c.dtype, device=device),
+            scales=torch.zeros(*rows, c.num_scale_blocks, dtype=torch.float32, device=device) if c.is_fp8 else None,
+            weights=torch.zeros(rows, dtype=torch.float32, device=device),
+            row_expert=torch.full(rows, -1, dtype=torch.int32, device=device),
+            tokens_per_expert=torch.zeros(c.num_local_experts, dtype=torch.int32, device=device),
+            offsets=(torch.zeros(c.num_local_experts + 1, dtype=torch.int32, device=device)
+                     if c.layout == CONTIGUOUS else None))
         self.combine_out = torch.zeros(c.max_tokens, c.hidden, dtype=torch.bfloat16, device=device)
         self._errors = [0] * ERROR_BLOCK_WORDS
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.hidden, self.scales, self.weights, self.row_expert, self.tokens_per_expert, self.offsets,
-                   self.combine_out)
+        tensors = (*self.outputs, self.combine_out)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def take_errors(self) -> ErrorSnapshot:
@@ -104,26 +105,25 @@ class ReferenceBackend:
         self._errors = [0] * ERROR_BLOCK_WORDS
         return snapshot
 
+    def timed_out(self) -> ErrorSnapshot | None:
+        return None  # collectives of torch.distributed wait without a bound of ours
+
     def close(self) -> None:
-        self.hidden = self.scales = self.weights = self.row_expert = None
-        self.tokens_per_expert = self.offsets = self.combine_out = None
+        self.outputs = self.combine_out = None
 
     # ------------------------------------------------------------------ dispatch
 
-    @property
-    def outputs(self) -> DispatchOutputs:
-        return DispatchOutputs(self.hidden, self.scales, self.weights, self.row_expert, self.tokens_per_expert,
-                               self.offsets)
-
-    def dispatch(self, args: DispatchArgs, out: DispatchOutputs) -> ReferenceRows:
-        """Writes this rank's dispatch output into ``out`` (normally ``self.outputs``)."""
+    def dispatch(self, args: DispatchArgs, *, into: DispatchOutputs | None = None) -> ReferenceRows:
+        """Writes this rank's dispatch output into ``into`` if given (the custom op's
+        tensors), else into :attr:`outputs`."""
+        out = into if into is not None else self.outputs
         c = self.config
         W, T, K, H = c.world_size, c.max_tokens, c.top_k, c.hidden
 
         # 1. This rank's n and sanitized routing. Rows >= n are never read.
         n = args.num_tokens
-        if args.num_tokens_device is not None:
-            n = int(args.num_tokens_device.item())
+        if isinstance(n, torch.Tensor):  # checked on the device by the CUDA backend; here on the host
+            n = int(n.item())
             if not 0 <= n <= args.num_rows:
                 self._errors[ErrorKind.BAD_NUM_TOKENS] += 1
                 n = 0
@@ -180,6 +180,31 @@ class ReferenceBackend:
         out.tokens_per_expert.copy_(torch.tensor(written, dtype=torch.int32))
         return ReferenceRows(dest, src_rank, src_token, slot, n, ids)
 
+    # ------------------------------------------------------------------ split halves
+    #
+    # The send half keeps a copy of its inputs (the caller may overwrite them before the
+    # receive) and the receive half runs the one-call op on that copy: every collective
+    # happens in the receive, so ranks pair them by the order of their receives, which
+    # the collective contract (every rank makes the same calls in the same order) fixes.
+
+    @property
+    def supports_split(self) -> bool:
+        return True
+
+    def dispatch_send(self, args: DispatchArgs) -> DispatchArgs:
+        n = args.num_tokens.clone() if isinstance(args.num_tokens, torch.Tensor) else args.num_tokens
+        scales = args.scales.clone() if args.scales is not None else None
+        return DispatchArgs(args.x.clone(), args.topk_idx.clone(), args.topk_weights.clone(), scales, n)
+
+    def dispatch_recv(self, sent: DispatchArgs) -> ReferenceRows:
+        return self.dispatch(sent)
+
+    def combine_send(self, args: CombineArgs, rows: ReferenceRows) -> tuple[CombineArgs, ReferenceRows]:
+        return replace(args, y=args.y.clone()), rows
+
+    def combine_recv(self, sent: tuple[CombineArgs, ReferenceRows]) -> torch.Tensor:
+        return self.combine(*sent)
+
     def _place(self, rows_per_expert: list[int]) -> tuple[list[int], list[int]]:
         """Rows written per expert and the contiguous offsets ([] of L+1; batched: unused)."""
         c = self.config
@@ -194,21 +219,23 @@ class ReferenceBackend:
 
     # ------------------------------------------------------------------ combine
 
-    def combine(self, y: torch.Tensor, rows: ReferenceRows, num_rows: int, out, weighted: bool,
-                weights: torch.Tensor, topk_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """``weights``: the dispatch output's weights (normally ``self.weights``).
+    def combine(self, args: CombineArgs, rows: ReferenceRows) -> torch.Tensor:
+        """Weights come from ``args.dispatched`` if given (the custom op's, maybe a functional
+        copy), else from :attr:`outputs`.
 
-        ``topk_idx`` (the custom op's): if its rows ``t < n``, sanitized, differ from the
+        ``args.topk_idx`` (the custom op's): if its rows ``t < n``, sanitized, differ from the
         latest dispatch's, the combine is stale: it takes part in the exchange as usual,
         but this rank's output is +0.0 and the combine is counted (``STALE_COMBINE``).
         """
         c = self.config
         W, T, K, H = c.world_size, c.max_tokens, c.top_k, c.hidden
+        y, topk_idx = args.y, args.topk_idx
+        weights = (args.dispatched if args.dispatched is not None else self.outputs).weights
 
         # On this rank (as destination): one fp32 sum per (source rank, token) over
         # ascending k of fp32(w * y), separate multiply and add, then one bf16 rounding.
         term = y.reshape(-1, H)[rows.dest].float()
-        if weighted:
+        if args.weighted:
             term = term * weights.reshape(-1)[rows.dest].unsqueeze(1)
         acc = torch.zeros(W, T, H, dtype=torch.float32, device=y.device)
         for k in range(K):
@@ -225,15 +252,14 @@ class ReferenceBackend:
         for r in range(W):
             total = total + received[r].float()
         # Rows t >= n got no partials anywhere, so they are +0.0 already.
-        result = total[:num_rows].to(torch.bfloat16)
+        result = total[: args.num_rows].to(torch.bfloat16)
         if topk_idx is not None:
             ids, _, _ = sanitize_routing(topk_idx[: rows.num_tokens], c.num_experts)
             if not torch.equal(ids, rows.ids):
                 self._errors[ErrorKind.STALE_COMBINE] += 1
                 result = torch.zeros_like(result)
-        target = out if out is not None else self.combine_out[:num_rows]
-        target.copy_(result)
-        return target
+        args.out.copy_(result)
+        return args.out
 
     # ------------------------------------------------------------------ collectives
 

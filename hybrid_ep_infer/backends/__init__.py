@@ -1,0 +1,11 @@
+"""The backends behind ``EPBuffer``: one interface (``base.Backend``), two implementations.
+
+``reference`` is docs/SPEC.md in plain torch (eager, any device: the oracle); ``cuda`` runs
+the compiled library's kernels over NVLink peer memory.
+"""
+
+from .base import Backend
+from .cuda import CudaBackend
+from .reference import ReferenceBackend
+
+__all__ = ["Backend", "CudaBackend", "ReferenceBackend"]
