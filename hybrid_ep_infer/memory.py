@@ -24,13 +24,18 @@ def output_bytes(config: BufferConfig) -> int:
             + T * H * 2)  # combine output (bf16)
 
 
-def cuda_exchange_bytes(config: BufferConfig) -> int:
+def cuda_exchange_bytes(config: BufferConfig, low_latency: bool = False) -> int:
     """What the CUDA backend's workspace holds besides the outputs, without the rounding of
-    each region up to 128 bytes and a few counters (under 24 bytes per rank)."""
+    each region up to 128 bytes and a few counters (under 24 bytes per rank).
+    ``low_latency``: with the low-latency dispatch's staging slots."""
     c = config
     W, H, T, E, K = c.world_size, c.hidden, c.max_tokens, c.num_experts, c.top_k
+    staged_row = H * c.itemsize + -(-c.num_scale_blocks * 4 // 16) * 16  # payload, FP8 scales 16-byte aligned
+    staging = (2 * W * T * staged_row  # staged rows (two halves, written by peers)
+               + 8 * W * T)  # a flag per staged row
     return (2 * W * T * H * 2  # combine partials (two halves, written by peers)
             + 2 * W * (16 + 8 * T * K)  # routing slots (two halves, written by peers)
             + 8 * W * T * K + 8 * W * T  # the dispatch plan (row of each (source, token, slot), first rows)
             + 16 * W * T  # arrival flags per chunk of tokens (dispatch payload, combine partials)
-            + 4 * W * E)  # per-source expert histogram
+            + 4 * W * E  # per-source expert histogram
+            + (staging if low_latency else 0))

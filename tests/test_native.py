@@ -62,14 +62,19 @@ def test_workspace_layout_matches_the_memory_formula():
     assert config.capacity == 4 * 4096 * 8
     desc = _native.BufferDesc(ctypes.sizeof(_native.BufferDesc), _native.API_VERSION, config.rank, W, H, T, E, K,
                               config.itemsize, 0, 0, 1, config.capacity, 24, 10**9)
-    layout = _native.workspace_layout(desc)
-    formula = memory.output_bytes(config) + memory.cuda_exchange_bytes(config)
-    regions, counters = 24, 2 * W * 8 + 4 * W  # each region is rounded up to 128 bytes
-    assert formula <= layout.total_bytes <= formula + regions * 128 + counters
+    regions, counters = 26, 2 * W * 8 + 4 * W  # each region is rounded up to 128 bytes
+    for low_latency in (0, 1):
+        desc.low_latency = low_latency
+        layout = _native.workspace_layout(desc)
+        formula = memory.output_bytes(config) + memory.cuda_exchange_bytes(config, low_latency=bool(low_latency))
+        assert formula <= layout.total_bytes <= formula + regions * 128 + counters, low_latency
     for offset in (layout.hidden, layout.weights, layout.row_expert, layout.offsets, layout.combine_out):
         assert offset % 128 == 0 and offset < layout.total_bytes
     # A bad description is refused with a reason.
-    desc.top_k = 0
+    desc.low_latency = 2
+    with pytest.raises(_native.NativeError, match="low_latency must be 0 or 1"):
+        _native.workspace_layout(desc)
+    desc.low_latency, desc.top_k = 1, 0
     with pytest.raises(_native.NativeError, match="top_k"):
         _native.workspace_layout(desc)
     desc.top_k, desc.num_experts = K, 2 * 8192  # the planning kernels' shared-memory tables
