@@ -22,7 +22,6 @@ from .validation import check_combine_args, check_dispatch_args
 
 BACKENDS = ("auto", "cuda", "reference")
 DEFAULT_TIMEOUT_S = 100.0
-LOW_LATENCY_MAX_TOKENS = 1024  # the default builds the low-latency dispatch up to this max_tokens
 
 _buffer_ids = itertools.count(1)
 # Live buffers by id: how the custom ops (ops.py) reach a buffer without passing a
@@ -139,9 +138,11 @@ class EPBuffer:
             blocks, except the routing publish (16 blocks, which wait for nobody).
         timeout_s: bound on every wait for a peer (CUDA backend).
         low_latency: CUDA backend: also build the low-latency dispatch (rows go to
-            staging slots on their destinations before any plan; one kernel) and use
-            it. Costs ``2 * W * max_tokens`` staged rows per rank. ``None``: on when
-            ``max_tokens <= 1024``.
+            staging slots on their destinations before any plan; one kernel; the
+            tuner keeps it where it is faster) and the split halves
+            (:meth:`dispatch_send` ...). Costs ``2 * W * max_tokens`` staged rows per
+            rank. ``None``: on when ``max_tokens <= 1024`` and its per-block plan tables
+            fit in 160 KB of shared memory (``backends/cuda.py``).
         tune: CUDA backend: time a few splits of the copy kernels' warps, chunk sizes
             and copy methods on synthetic routing of this shape at construction and
             keep the fastest
@@ -202,10 +203,8 @@ class EPBuffer:
         self.device = _resolve_device(device, backend, group)
         self._backend: Backend
         if backend == "cuda":
-            if low_latency is None:
-                low_latency = max_tokens <= LOW_LATENCY_MAX_TOKENS
             self._backend = CudaBackend(self.config, group, self.device, num_sms, self.timeout_s, tune=bool(tune),
-                                        low_latency=bool(low_latency))
+                                        low_latency=low_latency if low_latency is None else bool(low_latency))
             self.num_sms = self._backend.desc.num_sms  # as fitted to the ranks that share this GPU
         else:
             self._backend = ReferenceBackend(self.config, group, self.device)

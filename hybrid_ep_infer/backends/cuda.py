@@ -18,14 +18,34 @@ from ..errors import ErrorSnapshot
 from ..peer_memory import PeerWorkspace
 from .base import Backend
 
+# The low-latency dispatch is built by default up to this max_tokens (its staging slots
+# cost about what the combine partials do) and where its receive's plan tables fit in
+# a block's shared memory with room to spare (the C library checks the device's limit).
+LOW_LATENCY_MAX_TOKENS = 1024
+LOW_LATENCY_SHARED_BUDGET = 160 * 1024
+
+
+def low_latency_plan_table_bytes(config: BufferConfig) -> int:
+    """Shared memory of the low-latency receive's plan tables (csrc/kernels/ll_dispatch_recv.cuh)."""
+    W, E, L = config.world_size, config.num_experts, config.num_local_experts
+    words = -(-config.max_tokens // 32)
+    return 4 * (W * E + W * L + W * (L + 1) + W * L + E + (W * L + E) * words)
+
+
+def low_latency_by_default(config: BufferConfig) -> bool:
+    return (config.max_tokens <= LOW_LATENCY_MAX_TOKENS
+            and low_latency_plan_table_bytes(config) <= LOW_LATENCY_SHARED_BUDGET)
+
 
 class CudaBackend(Backend):
     name = "cuda"
 
     def __init__(self, config: BufferConfig, group, device: torch.device, num_sms: int | None, timeout_s: float,
-                 tune: bool = True, low_latency: bool = False):
+                 tune: bool = True, low_latency: bool | None = None):
         if device.type != "cuda":
             raise ValueError(f"the CUDA backend needs a CUDA device, got {device}")
+        if low_latency is None:
+            low_latency = low_latency_by_default(config)
         self.config = config
         self.device = device
         c = config
