@@ -83,8 +83,8 @@ class _FakeContext:
     """Stands in for the native context: keeps a tuning, counts calls."""
 
     def __init__(self):
-        self.fields = dict(dispatch_path=1, dispatch_send_warps=4, dispatch_chunk_tokens=1, dispatch_send_tma=0, dispatch_expand_tma=0,
-                           combine_reduce_warps=13, combine_chunk_tokens=1)
+        self.fields = dict(dispatch_path=1, dispatch_send_warps=4, dispatch_chunk_tokens=1, dispatch_send_tma=0,
+                           dispatch_expand_tma=0, combine_reduce_warps=13, combine_chunk_tokens=1)
         self.calls = {"dispatch": 0, "combine": 0}
 
     def set_tuning(self, **fields):
