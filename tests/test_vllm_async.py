@@ -228,3 +228,49 @@ def test_dbo_is_refused(one_rank_group, monkeypatch):
             with pytest.raises(NotImplementedError, match="dual-batch overlap"):
                 call(x, torch.ones(T, 2), ids, 4, None, False, None, False)
         assert buf._pending is None
+
+
+def adapter_layer(pf, x, weights, ids, expert_scales, use_async: bool):
+    """prepare -> experts (a scale per expert) -> finalize, as FusedMoEKernel drives them, on the
+    async methods (hooks and receivers called in place) or the synchronous ones."""
+    args = (x, weights, ids, expert_scales.shape[0], None, False, None, False)
+    if use_async:
+        hook, receiver = pf.prepare_async(*args)
+        hook()
+        a1q, _, _, row_ids, _ = receiver()
+    else:
+        a1q, _, _, row_ids, _ = pf.prepare(*args)
+    y = (a1q.float() * expert_scales[row_ids[:, 0].clamp(min=0).long()]).to(torch.bfloat16)
+    out = torch.empty_like(x)
+    if use_async:
+        hook, receiver = pf.finalize_async(out, y, weights, ids, False, None)
+        hook()
+        receiver()
+    else:
+        pf.finalize(out, y, weights, ids, False, None)
+    return out
+
+
+def test_async_adapter_compiles(one_rank_group):
+    """vLLM compiles the MoE forward (on CPUs, prepare/finalize included): the async methods,
+    with their hooks and receivers, trace with fullgraph=True and give the eager bits."""
+    from test_vllm_adapter import import_vllm
+
+    import_vllm()
+    from hybrid_ep_infer import EPBuffer
+    from hybrid_ep_infer_vllm.prepare_finalize import HybridEPPrepareAndFinalize
+
+    E, K = 4, 2
+    with EPBuffer(hidden=H, max_tokens=T, num_experts=E, top_k=K, backend="reference") as buf:
+        pf = HybridEPPrepareAndFinalize(buf)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(T, H, generator=g).to(torch.bfloat16)
+        weights, ids = torch.rand(T, E, generator=g).softmax(dim=-1).topk(K)
+        expert_scales = torch.tensor([0.5, 2.0, -1.0, 3.0]).unsqueeze(1)
+        want = adapter_layer(pf, x, weights, ids, expert_scales, use_async=False).clone()
+        for use_async in (False, True):
+            torch._dynamo.reset()
+            compiled = torch.compile(adapter_layer, fullgraph=True, backend="inductor")
+            got = compiled(pf, x, weights, ids, expert_scales, use_async)
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16)), f"use_async={use_async}"
+        buf.check_errors()
