@@ -12,6 +12,9 @@ shared experts (a probe, which finds the combine's send pending on the buffer: t
 exchange is in flight while they run; not for the float32 path, whose combines run whole in
 ``finalize_async``), then the hook and the receiver.
 
+The async methods also compile with ``torch.compile(fullgraph=True)`` (inductor) and give
+the eager bits, as vLLM compiles the MoE forward on CPUs.
+
 vLLM's dual-batch overlap (DBO) needs CUDA streams and events (``vllm.v1.worker.ubatching``)
 and is not exercised here; the adapter refuses it (it needs one buffer per micro-batch).
 
