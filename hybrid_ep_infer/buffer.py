@@ -509,6 +509,7 @@ class EPBuffer:
         if not self._closed:
             self._closed = True
             self._pending = None  # a pending half is dropped (the CUDA backend waits for it in close)
+            self._op_state = None
             _live_buffers.pop(self._id, None)
             self._backend.close()
 
