@@ -428,8 +428,8 @@ class EPBuffer:
         ``into`` (the custom op's output tensors, as :meth:`dispatch_into`). The op has no
         :class:`PendingDispatch` to pass: it receives whatever send is pending here."""
         self._check_usable()
-        pending = self._take_pending(self._pending_of(PendingDispatch, "dispatch_recv"), PendingDispatch,
-                                     "dispatch_recv")
+        pending = self._pending_of(PendingDispatch, "dispatch_recv")
+        self._pending = None
         self._receive_dispatch(pending, into=into)
 
     def combine_send_latest(self, y: torch.Tensor, topk_idx: torch.Tensor, dispatched: DispatchOutputs,
@@ -453,8 +453,8 @@ class EPBuffer:
         the tensor the receive op was given, which under torch.compile may be a functional
         copy of the one the send was given (then the result is copied over)."""
         self._check_usable()
-        pending = self._take_pending(self._pending_of(PendingCombine, "combine_recv"), PendingCombine,
-                                     "combine_recv")
+        pending = self._pending_of(PendingCombine, "combine_recv")
+        self._pending = None
         result = self._backend.combine_recv(pending.sent)
         if result.data_ptr() != out.data_ptr():
             out.copy_(result)
