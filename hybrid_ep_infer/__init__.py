@@ -4,7 +4,7 @@ Main entry point: :class:`EPBuffer`. The contract is the project's SPEC (``docs/
 reference backend (pure torch) defines the semantics and runs anywhere.
 """
 
-from . import ops  # registers torch.ops.hybrid_ep_infer.{dispatch,combine}
+from . import ops  # registers torch.ops.hybrid_ep_infer.{dispatch,combine} and the split halves' ops
 from .buffer import DispatchHandle, DispatchResult, EPBuffer, cuda_backend_unavailable_reason
 from .config import BATCHED, CONTIGUOUS
 from .errors import BufferClosedError, ErrorKind, HybridEPError, PeerTimeoutError, RoutingDataError

@@ -213,6 +213,8 @@ class EPBuffer:
         self._latest: DispatchHandle | None = None
         self._sends = 0
         self._pending: PendingDispatch | PendingCombine | None = None  # at most one half awaits its receive
+        # The custom ops' ordering token (see op_state): never written, so no op pays a launch for it.
+        self._op_state = torch.zeros(1, dtype=torch.int64, device=self.device)
         _live_buffers[self._id] = self
         self._closed = False
         self._broken: str | None = None
@@ -331,10 +333,7 @@ class EPBuffer:
         what :meth:`dispatch` returns (the same views, and a handle for combine)."""
         self._check_usable()
         self._take_pending(pending, PendingDispatch, "dispatch_recv")
-        state = self._backend.dispatch_recv(pending.sent)
-        self._generation += 1
-        self._latest = DispatchHandle(self._id, self._generation, pending.num_rows, state)
-        self._maybe_check_errors()
+        self._receive_dispatch(pending, into=None)
         return DispatchResult.from_outputs(self._backend.outputs, self._latest)
 
     def combine_send(self, y: torch.Tensor, handle: DispatchHandle, *, out: torch.Tensor | None = None,
@@ -362,6 +361,12 @@ class EPBuffer:
         result = self._backend.combine_recv(pending.sent)
         self._maybe_check_errors()
         return result
+
+    def _receive_dispatch(self, pending: PendingDispatch, *, into: DispatchOutputs | None) -> None:
+        state = self._backend.dispatch_recv(pending.sent, into=into)
+        self._generation += 1
+        self._latest = DispatchHandle(self._id, self._generation, pending.num_rows, state)
+        self._maybe_check_errors()
 
     # ------------------------------------------------------------------ what the custom ops (ops.py) use
 
@@ -403,6 +408,56 @@ class EPBuffer:
         if self._latest is None:
             raise ValueError("combine before any dispatch on this buffer")
         return self._run_combine(y, self._latest, out, weighted, topk_idx=topk_idx, dispatched=dispatched)
+
+    @property
+    def op_state(self) -> torch.Tensor:
+        """``[1]`` int64 on the buffer's device: the custom ops' ordering token.
+
+        Every op on this buffer (``ops.dispatch``, ``ops.combine`` and the four halves)
+        takes it as a mutated argument, so a compiler sees each op depend on the one
+        before it and keeps them all in program order, and cannot drop one (a send
+        whose outputs nobody reads still writes this buffer's state). The ops do not
+        actually write it, so it costs no launch; its value means nothing.
+        """
+        self._check_open()
+        return self._op_state
+
+    def dispatch_recv_into(self, into: DispatchOutputs) -> None:
+        """:meth:`dispatch_recv` of the pending :meth:`dispatch_send`, leaving its results in
+        ``into`` (the custom op's output tensors, as :meth:`dispatch_into`). The op has no
+        :class:`PendingDispatch` to pass: it receives whatever send is pending here."""
+        self._check_usable()
+        pending = self._pending_of(PendingDispatch, "dispatch_recv")
+        self._pending = None
+        self._receive_dispatch(pending, into=into)
+
+    def combine_send_latest(self, y: torch.Tensor, topk_idx: torch.Tensor, dispatched: DispatchOutputs,
+                            out: torch.Tensor, *, weighted: bool = True) -> None:
+        """:meth:`combine_send` for the latest dispatch on this buffer, found without a handle;
+        ``topk_idx`` and ``dispatched`` as in :meth:`combine_latest` (a stale combine_send
+        takes part in the exchange; its receive writes zeros and it is counted)."""
+        self._check_usable()
+        self._check_no_pending("combine_send")
+        self._check_split()
+        if self._latest is None:
+            raise ValueError("combine_send before any dispatch on this buffer")
+        args = check_combine_args(self.config, self.device, y, out, self._latest.num_rows, weighted,
+                                  topk_idx=topk_idx, dispatched=dispatched)
+        sent = self._backend.combine_send(args, self._latest.state)
+        self._sends += 1
+        self._pending = PendingCombine(self._id, self._sends, sent)
+
+    def combine_recv_into(self, out: torch.Tensor) -> None:
+        """:meth:`combine_recv` of the pending combine send, leaving the result in ``out``:
+        the tensor the receive op was given, which under torch.compile may be a functional
+        copy of the one the send was given (then the result is copied over)."""
+        self._check_usable()
+        pending = self._pending_of(PendingCombine, "combine_recv")
+        self._pending = None
+        result = self._backend.combine_recv(pending.sent)
+        if result.data_ptr() != out.data_ptr():
+            out.copy_(result)
+        self._maybe_check_errors()
 
     # ------------------------------------------------------------------ shared by the eager API and the custom ops
 
@@ -452,6 +507,8 @@ class EPBuffer:
         """Release every allocation (and peer mapping). Idempotent."""
         if not self._closed:
             self._closed = True
+            self._pending = None  # a pending half is dropped (the CUDA backend waits for it in close)
+            self._op_state = None
             _live_buffers.pop(self._id, None)
             self._backend.close()
 
@@ -505,13 +562,31 @@ class EPBuffer:
             receive = "dispatch_recv" if half == "dispatch_send" else "combine_recv"
             raise RuntimeError(f"{call} while a {half} is pending on this buffer: call {receive} first")
 
-    def _take_pending(self, pending, kind: type, call: str) -> None:
+    def _take_pending(self, pending, kind: type, call: str):
+        """Check that ``pending`` is this buffer's pending half of ``kind``; clear and return it."""
+        send = "dispatch_send" if kind is PendingDispatch else "combine_send"
         if not isinstance(pending, kind) or pending.buffer_id != self._id:
-            raise ValueError(f"{call} needs the {kind.__name__} that this buffer's "
-                             f"{'dispatch_send' if kind is PendingDispatch else 'combine_send'} returned")
+            raise ValueError(f"{call} needs the {kind.__name__} that this buffer's {send} returned"
+                             f"{self._pending_note()}")
         if pending is not self._pending:
-            raise ValueError(f"{call}: this {kind.__name__} was already received (or is not the pending send)")
+            raise ValueError(f"{call}: this {kind.__name__} was already received (or is not the pending "
+                             f"send){self._pending_note()}")
         self._pending = None
+        return pending
+
+    def _pending_of(self, kind: type, call: str):
+        """The pending half, which must be of ``kind`` (the custom ops hold no pending object)."""
+        if not isinstance(self._pending, kind):
+            send = "dispatch_send" if kind is PendingDispatch else "combine_send"
+            raise RuntimeError(f"{call} without a pending {send} on this buffer{self._pending_note()}")
+        return self._pending
+
+    def _pending_note(self) -> str:
+        """What is pending on this buffer, for error messages."""
+        if self._pending is None:
+            return " (nothing is pending on this buffer)"
+        half = "dispatch_send" if isinstance(self._pending, PendingDispatch) else "combine_send"
+        return f" (a {half} is pending on this buffer)"
 
     def _maybe_check_errors(self) -> None:
         if self.debug and not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):

@@ -8,7 +8,7 @@ vectorised reference backend it checks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -42,6 +42,29 @@ class Case:
     @property
     def num_local_experts(self) -> int:
         return self.num_experts // self.world_size
+
+
+def multirank_cases(world_size: int) -> list[Case]:
+    """The reference backend's multi-rank cases: every routing of :data:`ROUTINGS`, both
+    layouts, BF16, FP8 and raw-byte payloads, padding, reduced capacity with overflow, and
+    other (E, K)."""
+    base = Case(world_size=world_size, hidden=256, max_tokens=12, num_experts=4 * world_size, top_k=3)
+    cases = []
+    for i, routing in enumerate(ROUTINGS):
+        cases.append(replace(base, routing=routing, seed=i, idx_dtype=(torch.int32, torch.int64)[i % 2]))
+    cases += [
+        replace(base, layout="batched", routing="random", seed=10),
+        replace(base, layout="batched", routing="skewed", seed=11, capacity=5),  # overflow
+        replace(base, pad_multiple=4, routing="ragged", seed=12),
+        replace(base, pad_multiple=4, routing="skewed", seed=13, capacity=16),  # overflow
+        replace(base, dtype=torch.float8_e4m3fn, routing="masked", seed=14, pad_multiple=2),
+        replace(base, dtype=torch.uint8, layout="batched", routing="repeated", seed=15),
+        # (E, K) = (2W, 2): top-k larger than... and fewer experts per rank.
+        replace(base, num_experts=2 * world_size, top_k=2, routing="random", seed=16),
+        # A single expert per rank.
+        replace(base, num_experts=world_size, top_k=1, routing="ragged", seed=17),
+    ]
+    return cases
 
 
 def make_inputs(case: Case) -> list[RankInputs]:

@@ -7,8 +7,6 @@ capacity with overflow; every num_tokens form; weighted and unweighted combine;
 the identity-expert round trip.
 """
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -16,35 +14,15 @@ from hybrid_ep_infer import EPBuffer, ErrorKind, RoutingDataError
 
 from dist_utils import spawn
 from moe_cases import (
-    ROUTINGS,
     Case,
     bits_equal,
     check_dispatch,
     experts_on_dispatch_output,
     make_inputs,
+    multirank_cases,
     oracle_combine,
     source_errors,
 )
-
-
-def cases_for(world_size: int) -> list[Case]:
-    base = Case(world_size=world_size, hidden=256, max_tokens=12, num_experts=4 * world_size, top_k=3)
-    cases = []
-    for i, routing in enumerate(ROUTINGS):
-        cases.append(dataclasses.replace(base, routing=routing, seed=i, idx_dtype=(torch.int32, torch.int64)[i % 2]))
-    cases += [
-        dataclasses.replace(base, layout="batched", routing="random", seed=10),
-        dataclasses.replace(base, layout="batched", routing="skewed", seed=11, capacity=5),  # overflow
-        dataclasses.replace(base, pad_multiple=4, routing="ragged", seed=12),
-        dataclasses.replace(base, pad_multiple=4, routing="skewed", seed=13, capacity=16),  # overflow
-        dataclasses.replace(base, dtype=torch.float8_e4m3fn, routing="masked", seed=14, pad_multiple=2),
-        dataclasses.replace(base, dtype=torch.uint8, layout="batched", routing="repeated", seed=15),
-        # (E, K) = (2W, 2): top-k larger than... and fewer experts per rank.
-        dataclasses.replace(base, num_experts=2 * world_size, top_k=2, routing="random", seed=16),
-        # A single expert per rank.
-        dataclasses.replace(base, num_experts=world_size, top_k=1, routing="ragged", seed=17),
-    ]
-    return cases
 
 
 def run_case(rank: int, case: Case, num_tokens_form: str) -> None:
@@ -103,7 +81,7 @@ def run_round_trip(rank: int, world_size: int) -> None:
 
 def worker(rank: int, world_size: int) -> None:
     forms = ("int", "tensor", "default")
-    for i, case in enumerate(cases_for(world_size)):
+    for i, case in enumerate(multirank_cases(world_size)):
         run_case(rank, case, forms[i % len(forms)])
     # A device num_tokens outside [0, m]: counted, and that rank sends nothing.
     case = Case(world_size=world_size, hidden=128, max_tokens=8, num_experts=2 * world_size, top_k=2, seed=5)

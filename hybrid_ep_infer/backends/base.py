@@ -73,14 +73,16 @@ class Backend(ABC):
         :meth:`dispatch_recv` needs."""
 
     @abstractmethod
-    def dispatch_recv(self, sent: object) -> object:
-        """The receive half: completes the dispatch ``sent`` started, into :attr:`outputs`.
-        Returns the dispatch's state, as :meth:`dispatch` does."""
+    def dispatch_recv(self, sent: object, *, into: DispatchOutputs | None = None) -> object:
+        """The receive half: completes the dispatch ``sent`` started, into ``into`` when given
+        (as :meth:`dispatch`), else :attr:`outputs`. Returns the dispatch's state, as
+        :meth:`dispatch` does."""
 
     @abstractmethod
     def combine_send(self, args: CombineArgs, state: object) -> object:
-        """The send half of :meth:`combine`: this rank's partial sums leave; ``args.y`` may
-        be overwritten afterwards. Returns what :meth:`combine_recv` needs."""
+        """The send half of :meth:`combine`: this rank's partial sums leave; ``args.y``,
+        ``args.topk_idx`` and ``args.dispatched`` may be overwritten afterwards. Returns what
+        :meth:`combine_recv` needs."""
 
     @abstractmethod
     def combine_recv(self, sent: object) -> torch.Tensor:

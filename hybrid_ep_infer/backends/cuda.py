@@ -102,12 +102,15 @@ class CudaBackend(Backend):
         another set of tensors (a compiler's functional copies), the results are copied
         there too. The plan of the dispatch stays in the workspace: no state to return."""
         self.context.dispatch(args)
+        self._copy_outputs_into(into)
+        return None
+
+    def _copy_outputs_into(self, into: DispatchOutputs | None) -> None:
         if into is not None:
             for target, source in zip(into, self.outputs):
                 if target is not None and target.data_ptr() != source.data_ptr():
                     target.copy_(source)
                     self.output_copies += 1
-        return None
 
     def combine(self, args: CombineArgs, state: None) -> torch.Tensor:
         """Reads the plan and weights of the latest dispatch from the workspace, never
@@ -126,9 +129,11 @@ class CudaBackend(Backend):
         self.context.dispatch(args, half="send")
         return None
 
-    def dispatch_recv(self, sent: None) -> None:
-        """The low-latency receive kernel: waits for the peers' routing and rows, places them."""
+    def dispatch_recv(self, sent: None, *, into: DispatchOutputs | None = None) -> None:
+        """The low-latency receive kernel: waits for the peers' routing and rows, places them
+        (then copied into ``into`` where that is a compiler's functional copies, as in :meth:`dispatch`)."""
         self.context.dispatch_recv()
+        self._copy_outputs_into(into)
         return None
 
     def combine_send(self, args: CombineArgs, state: None) -> torch.Tensor:

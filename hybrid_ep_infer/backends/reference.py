@@ -196,11 +196,17 @@ class ReferenceBackend(Backend):
         scales = args.scales.clone() if args.scales is not None else None
         return DispatchArgs(args.x.clone(), args.topk_idx.clone(), args.topk_weights.clone(), scales, n)
 
-    def dispatch_recv(self, sent: DispatchArgs) -> ReferenceRows:
-        return self.dispatch(sent)
+    def dispatch_recv(self, sent: DispatchArgs, *, into: DispatchOutputs | None = None) -> ReferenceRows:
+        return self.dispatch(sent, into=into)
 
     def combine_send(self, args: CombineArgs, rows: ReferenceRows) -> tuple[CombineArgs, ReferenceRows]:
-        return replace(args, y=args.y.clone()), rows
+        # Copies of every input tensor the receive reads: under torch.compile the custom op's
+        # routing and weights may be temporaries whose memory is reused before the receive.
+        topk_idx = args.topk_idx.clone() if args.topk_idx is not None else None
+        dispatched = args.dispatched
+        if dispatched is not None:
+            dispatched = dispatched._replace(weights=dispatched.weights.clone())
+        return replace(args, y=args.y.clone(), topk_idx=topk_idx, dispatched=dispatched), rows
 
     def combine_recv(self, sent: tuple[CombineArgs, ReferenceRows]) -> torch.Tensor:
         return self.combine(*sent)

@@ -34,8 +34,15 @@ on an FP8 buffer before dispatch (rows and ``[*, H/128]`` scales travel), on a b
 buffer after it (same bits, twice the bytes). Experts that quantize their inputs
 themselves (``defer_input_quant``) get bf16 rows, which needs a bf16 buffer.
 
-Checked against vLLM 0.32.0 (docs/DESIGN.md, "The vLLM adapter"). Not yet: async prepare/finalize,
-other input quantizations (per-token, per-tensor, int8, FP4).
+**Async**: where the buffer has split halves (``EPBuffer.supports_split``), ``supports_async()``
+is True and vLLM calls ``prepare_async``/``finalize_async``: the send half of dispatch or
+combine, then a hook that receives, so vLLM can run other work (the shared experts, in
+finalize) while the exchange is in flight. ``prepare``/``finalize`` run the same code
+with the one-call ops. The float32 path's combines run whole in ``finalize_async``.
+
+Checked against vLLM 0.32.0 (docs/DESIGN.md, "The vLLM adapter"). Not yet: dual-batch
+overlap (DBO, which needs a buffer per micro-batch; refused), other input quantizations
+(per-token, per-tensor, int8, FP4).
 """
 
 from __future__ import annotations
@@ -45,6 +52,12 @@ from typing import NamedTuple
 
 import torch
 from vllm.model_executor.layers.fused_moe import modular_kernel as mk
+
+try:
+    from vllm.v1.worker.ubatching import dbo_enabled
+except ImportError:  # where vLLM is replaced by a stand-in (the GPU adapter test): no micro-batches
+    def dbo_enabled() -> bool:
+        return False
 
 from hybrid_ep_infer import EPBuffer, ops
 from hybrid_ep_infer.buffer import DispatchResult
@@ -166,8 +179,37 @@ class HybridEPPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
     def output_is_reduced(self) -> bool:
         return True
 
+    def supports_async(self) -> bool:
+        """Whether vLLM may call :meth:`prepare_async`/:meth:`finalize_async` (and overlap work,
+        such as the shared experts, with the exchange): where the buffer has split halves
+        (the reference backend; the CUDA backend built with ``low_latency``)."""
+        return self.buffer.supports_split
+
+    def prepare_async(self, a1, topk_weights, topk_ids, num_experts, expert_map, apply_router_weight_on_input,
+                      quant_config, defer_input_quant):
+        """The dispatch's send half (:func:`hybrid_ep_infer.ops.dispatch_send`); returns
+        ``(hook, receiver)``: the hook receives (:func:`~hybrid_ep_infer.ops.dispatch_recv`),
+        the receiver returns what :meth:`prepare` returns. vLLM may run other work between
+        this call and the hook."""
+        return self._prepare(a1, topk_weights, topk_ids, num_experts, apply_router_weight_on_input, quant_config,
+                             defer_input_quant, split=True)
+
     def prepare(self, a1, topk_weights, topk_ids, num_experts, expert_map, apply_router_weight_on_input,
                 quant_config, defer_input_quant):
+        # One code path with prepare_async; here the exchange is the one-call op (what vLLM
+        # calls where supports_async() is False), so the hook has nothing left to do.
+        hook, receiver = self._prepare(a1, topk_weights, topk_ids, num_experts, apply_router_weight_on_input,
+                                       quant_config, defer_input_quant, split=False)
+        hook()
+        return receiver()
+
+    def _prepare(self, a1, topk_weights, topk_ids, num_experts, apply_router_weight_on_input, quant_config,
+                 defer_input_quant, *, split: bool):
+        """Checks, quantization before dispatch and the dispatch's send (``split``) or the whole
+        dispatch; returns ``(hook, receiver)`` as :meth:`prepare_async` does."""
+        if dbo_enabled():
+            raise NotImplementedError("hybrid_ep_infer's vLLM adapter does not support dual-batch overlap (DBO) "
+                                      "yet: it needs one buffer per micro-batch")
         if num_experts != self.buffer.config.num_experts:
             raise ValueError(f"layer has {num_experts} experts; the buffer was built for "
                              f"{self.buffer.config.num_experts}")
@@ -180,26 +222,45 @@ class HybridEPPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
             a1 = a1 * topk_weights.to(a1.dtype)
         a1, topk_ids = a1.contiguous(), topk_ids.contiguous()
         top_k = topk_ids.shape[1]
-        if self.activation_dtype == torch.float32:
+        fp32 = self.activation_dtype == torch.float32
+        if fp32:
             # Raw fp32 bytes as bf16 pairs; the dispatched "weights" are slot numbers (exact_fp32).
-            result = ops.dispatch(self.buffer, a1.view(torch.bfloat16), topk_ids,
-                                  exact_fp32.slot_numbers(a1.shape[0], top_k, a1.device))
-            hidden, scales = result.hidden.view(torch.float32), None
-            weights = None if apply_router_weight_on_input else topk_weights.float()
-            slots = exact_fp32.row_slots(result.row_expert, result.weights, top_k)
-            self._pending = _Pending(result, topk_ids, apply_router_weight_on_input, top_k, weights, slots)
+            x, x_scales = a1.view(torch.bfloat16), None
+            dispatch_weights = exact_fp32.slot_numbers(a1.shape[0], top_k, a1.device)
         else:
             x, x_scales = fp8_input.quantize(a1) if quantize == BEFORE_DISPATCH else (a1, None)
-            result = ops.dispatch(self.buffer, x, topk_ids, topk_weights.float().contiguous(), scales=x_scales)
-            hidden, scales = result.hidden, result.scales
-            self._pending = _Pending(result, topk_ids, apply_router_weight_on_input, top_k)
-        if quantize == AFTER_DISPATCH:  # per-row groups: the same bits as quantizing before
-            hidden, scales = fp8_input.quantize(hidden)
-        meta = mk.ExpertTokensMetadata(expert_num_tokens=result.tokens_per_expert, expert_num_tokens_cpu=None)
-        if self.batched:
-            return hidden, scales, meta, None, None  # batched experts keep the caller's ids and weights
-        ones = torch.ones_like(result.weights, dtype=torch.float32).unsqueeze(1)  # weights are applied in finalize
-        return hidden, scales, meta, self._row_ids(result.row_expert), ones
+            dispatch_weights = topk_weights.float().contiguous()
+
+        received: list[DispatchResult] = []  # filled once, by the one-call op or the hook
+        if split:
+            ops.dispatch_send(self.buffer, x, topk_ids, dispatch_weights, scales=x_scales)
+        else:
+            received.append(ops.dispatch(self.buffer, x, topk_ids, dispatch_weights, scales=x_scales))
+
+        def hook() -> None:
+            if not received:
+                received.append(ops.dispatch_recv(self.buffer))
+
+        def receiver():
+            hook()  # a no-op where vLLM already called it
+            result = received[0]
+            if fp32:
+                hidden, scales = result.hidden.view(torch.float32), None
+                weights = None if apply_router_weight_on_input else topk_weights.float()
+                slots = exact_fp32.row_slots(result.row_expert, result.weights, top_k)
+                self._pending = _Pending(result, topk_ids, apply_router_weight_on_input, top_k, weights, slots)
+            else:
+                hidden, scales = result.hidden, result.scales
+                self._pending = _Pending(result, topk_ids, apply_router_weight_on_input, top_k)
+            if quantize == AFTER_DISPATCH:  # per-row groups: the same bits as quantizing before
+                hidden, scales = fp8_input.quantize(hidden)
+            meta = mk.ExpertTokensMetadata(expert_num_tokens=result.tokens_per_expert, expert_num_tokens_cpu=None)
+            if self.batched:
+                return hidden, scales, meta, None, None  # batched experts keep the caller's ids and weights
+            ones = torch.ones_like(result.weights, dtype=torch.float32).unsqueeze(1)  # weights: applied in finalize
+            return hidden, scales, meta, self._row_ids(result.row_expert), ones
+
+        return hook, receiver
 
     def _quantize_where(self, quant_config, defer_input_quant: bool) -> str | None:
         """Where prepare quantizes the inputs to block FP8, or None for no quantization."""
@@ -227,8 +288,22 @@ class HybridEPPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         offset = self.buffer.rank * self.buffer.num_local_experts
         return torch.where(row_expert >= 0, row_expert + offset, self._unused_row_id).unsqueeze(1)
 
+    def finalize_async(self, output, fused_expert_output, topk_weights, topk_ids, apply_router_weight_on_input,
+                       weight_and_reduce_impl):
+        """The combine's send half (:func:`hybrid_ep_infer.ops.combine_send`); returns
+        ``(hook, receiver)``: the hook receives into ``output``
+        (:func:`~hybrid_ep_infer.ops.combine_recv`), the receiver only makes sure it ran.
+        vLLM runs the shared experts between this call and the hook."""
+        return self._finalize(output, fused_expert_output, split=True)
+
     def finalize(self, output, fused_expert_output, topk_weights, topk_ids, apply_router_weight_on_input,
                  weight_and_reduce_impl) -> None:
+        # One code path with finalize_async; the one-call combine here (see prepare).
+        hook, receiver = self._finalize(output, fused_expert_output, split=False)
+        hook()
+        receiver()
+
+    def _finalize(self, output, fused_expert_output, *, split: bool):
         if self._pending is None:
             raise RuntimeError("finalize without a matching prepare")
         pending, self._pending = self._pending, None
@@ -237,14 +312,30 @@ class HybridEPPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         # sum are ours, whatever weight_and_reduce_impl is.
         y = fused_expert_output.reshape(*self.buffer.config.row_shape, self.hidden)
         if self.activation_dtype == torch.float32:
+            # The exact path's several combines run here, whole (one-call ops): nothing
+            # overlaps them, and the hook and receiver have nothing left to do.
             rows = exact_fp32.gather_slots(self.buffer, pending.dispatched, pending.topk_ids, y.float(),
                                            pending.slots, pending.top_k)
             output.copy_(exact_fp32.weighted_sum(rows, pending.weights))
-            return
+            return _nothing, _nothing
         if y.dtype != torch.bfloat16 or not y.is_contiguous():
             y = y.to(torch.bfloat16).contiguous()
-        ops.combine(self.buffer, y, pending.dispatched, pending.topk_ids, out=output,
-                    weighted=not pending.weights_on_input)
+        weighted = not pending.weights_on_input
+        if not split:
+            ops.combine(self.buffer, y, pending.dispatched, pending.topk_ids, out=output, weighted=weighted)
+            return _nothing, _nothing
+        ops.combine_send(self.buffer, y, pending.dispatched, pending.topk_ids, out=output, weighted=weighted)
+        received = []
+
+        def hook() -> None:
+            if not received:  # once, whoever calls first (vLLM, or the receiver)
+                received.append(ops.combine_recv(self.buffer, output))
+
+        return hook, hook  # the receiver only makes sure the hook ran
+
+
+def _nothing() -> None:
+    return None
 
 
 def experts_use_expert_map(fused_experts) -> bool:
