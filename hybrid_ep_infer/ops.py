@@ -77,6 +77,9 @@ _lib.define("combine_recv(int buffer, Tensor(a!) out, Tensor(b!) state) -> ()")
 def _num_tokens_to_schema(num_tokens) -> tuple[torch.Tensor | None, int]:
     if isinstance(num_tokens, torch.Tensor):
         return num_tokens, -1
+    # (a negative count would read as "not given" on the other side)
+    if isinstance(num_tokens, int) and num_tokens < 0:
+        raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
     return None, -1 if num_tokens is None else num_tokens
 
 

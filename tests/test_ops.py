@@ -181,6 +181,12 @@ def test_ops_match_the_eager_api(one_rank_group):
         assert torch.equal(got.view(torch.int16), want.view(torch.int16))
         with pytest.raises(ValueError, match="rows"):
             ops.combine(buf, got_d.hidden.clone(), got_d, idx, out=torch.empty(T - 1, H, dtype=torch.bfloat16))
+        # A negative count is refused (the op's schema reads -1 as "not given": all rows).
+        for call in (ops.dispatch, ops.dispatch_send):
+            with pytest.raises(ValueError, match="num_tokens must be >= 0, got -5"):
+                call(buf, x, idx, weights, num_tokens=-5)
+        again = ops.dispatch(buf, x, idx, weights)  # nothing was left pending
+        assert torch.equal(again.hidden.view(torch.int16), got_d.hidden.view(torch.int16))
 
 
 def check_stale_combine(rank: int = 0) -> None:
