@@ -52,9 +52,9 @@ def check_paths(rank: int, case: Case, num_tokens: str = "int", **buffer_kw) -> 
     with make_buffer(case, "cuda", low_latency=True, **buffer_kw) as cud, \
             make_buffer(case, "reference", device=device) as ref:
         want = dispatch(ref, inp, "int")
-        want_out = {w: ref.combine(experts_on_dispatch_output(want, rank, case.num_local_experts), want.handle,
-                                   weighted=w) for w in (True, False)}
         y = experts_on_dispatch_output(want, rank, case.num_local_experts)
+        # (clones: without out, combine returns a view of buffer memory the next call overwrites)
+        want_out = {w: ref.combine(y, want.handle, weighted=w).clone() for w in (True, False)}
         torch.cuda.synchronize()
         for path in PATHS:
             for attempt in range(2):  # the second call checks that a call leaves nothing stale behind
