@@ -1,7 +1,8 @@
 """The low-latency dispatch and the split send/receive halves on the GPU, bit for bit
 against the reference backend: every path (planned, low-latency in one launch, and the
 two halves) over layouts, dtypes, routings, capacity and n; paths mixed on one buffer;
-the halves captured in a CUDA graph with other work between them; a missing peer.
+the halves captured in a CUDA graph with other work between them; a missing peer in the
+dispatch (one call or halves) and in the combine's halves.
 
 Each check's failure names the check, the path and the case.
 """
@@ -192,6 +193,33 @@ def run_missing_peer(rank: int, world_size: int, path: str) -> None:
     buf.close()
 
 
+def run_missing_peer_in_combine(rank: int, world_size: int) -> None:
+    """After a dispatch every rank made, rank 0 alone runs the combine's halves: its receive
+    raises a timeout naming the combine's partials and a missing peer within the bound."""
+    device = rank_device(rank)
+    case = Case(world_size=world_size, hidden=1024, max_tokens=32, num_experts=2 * world_size, top_k=2, seed=9)
+    inp = to_device(make_inputs(case)[rank], device)
+    buf = make_buffer(case, "cuda", timeout_s=2.0, low_latency=True)
+    for call in range(2):  # a normal call, then one the others leave without a combine
+        got = run_dispatch(buf, inp, "split")
+        y = experts_on_dispatch_output(got, rank, case.num_local_experts)
+        if call == 0:
+            run_combine(buf, y, got.handle, split=True)
+        torch.cuda.synchronize()
+        buf.check_errors()
+        dist.barrier()
+    if rank == 0:
+        start = time.monotonic()
+        run_combine(buf, y, got.handle, split=True)
+        with pytest.raises(PeerTimeoutError) as info:
+            buf.check_errors(synchronize=True)
+        elapsed = time.monotonic() - start
+        assert 1.5 <= elapsed <= 30, f"missing peer (combine halves): timed out after {elapsed:.1f} s"
+        assert info.value.peer != 0 and "combine" in info.value.phase, f"missing peer (combine halves): {info.value}"
+    dist.barrier()
+    buf.close()
+
+
 def cases(world_size: int) -> list[Case]:
     base = Case(world_size=world_size, hidden=2048, max_tokens=128, num_experts=8 * world_size, top_k=8)
     return [
@@ -218,6 +246,7 @@ def smoke_worker(rank: int, world_size: int) -> None:
     check_pending_rules(rank, world_size)
     for path in ("low_latency", "split"):
         run_missing_peer(rank, world_size, path)
+    run_missing_peer_in_combine(rank, world_size)
     assert mapped_peer_buffers() == 0, "closed buffers left peer mappings behind"
 
 

@@ -5,8 +5,9 @@
 - peers: a rank killed mid-run makes the other raise a timeout naming phase and peer, and
   both processes end; a slow but live peer does not trip the bound; a rank that exits
   without close() does not break the next run;
-- long run: 100,000 graph replays of dispatch + combine with routing, weights, x and n drawn
-  on the device by the graph itself, eager calls in between, checked against the reference;
+- long run: 100,000 graph replays of dispatch + combine (the one-call ops, then the split
+  halves, on a low-latency buffer) with routing, weights, x and n drawn on the device by the
+  graph itself, eager calls in between, checked against the reference;
 - two buffers used alternately on two streams;
 - leaks: 200 buffers created and closed leave free memory and peer mappings as they were.
 
@@ -218,9 +219,10 @@ def fresh_run_worker(rank: int, world_size: int) -> None:
 
 def long_run_worker(rank: int, world_size: int, replays: int, check_every: int) -> None:
     """One graph draws routing, weights, x and n on the device, then dispatches and
-    combines; replayed `replays` times. Every `check_every` replays the replay's inputs go
-    through the reference backend and both results must be bit-identical; an eager call
-    with other inputs runs in between."""
+    combines twice: with the one-call ops, then with the split halves (the buffer is a
+    low-latency one); replayed `replays` times. Every `check_every` replays the replay's
+    inputs go through the reference backend and every result must be bit-identical; an
+    eager call with other inputs runs in between."""
     device = rank_device(rank)
     case = Case(world_size=world_size, hidden=1024, max_tokens=128, num_experts=8 * world_size, top_k=8)
     T, H, E, K = case.max_tokens, case.hidden, case.num_experts, case.top_k
@@ -230,6 +232,7 @@ def long_run_worker(rank: int, world_size: int, replays: int, check_every: int) 
     w = torch.empty(T, K, device=device)
     n = torch.empty(1, dtype=torch.int32, device=device)
     combined = torch.empty(T, H, dtype=torch.bfloat16, device=device)
+    combined_split = torch.empty(T, H, dtype=torch.bfloat16, device=device)
 
     def draw():
         x.copy_(torch.randn(T, H, device=device))
@@ -237,11 +240,14 @@ def long_run_worker(rank: int, world_size: int, replays: int, check_every: int) 
         w.copy_(torch.rand(T, K, device=device))
         n.copy_(torch.randint(0, T + 1, (1,), device=device, dtype=torch.int32))
 
-    with make_buffer(case, "cuda") as cud, make_buffer(case, "reference", device=device) as ref:
+    with make_buffer(case, "cuda", low_latency=True) as cud, \
+            make_buffer(case, "reference", device=device) as ref:
         def step():
             draw()
             result = cud.dispatch(x, idx, w, num_tokens=n)
             cud.combine(result.hidden, result.handle, out=combined)
+            result = cud.dispatch_recv(cud.dispatch_send(x, idx, w, num_tokens=n))
+            cud.combine_recv(cud.combine_send(result.hidden, result.handle, out=combined_split))
             return result
 
         step()
@@ -258,8 +264,10 @@ def long_run_worker(rank: int, world_size: int, replays: int, check_every: int) 
                     want = ref.dispatch(x, idx, w, num_tokens=int(n.item()))
                     expected = ref.combine(want.hidden, want.handle)
                     torch.cuda.synchronize()
-                    assert_dispatch_equal(captured, want, f"rank {rank} replay {i}")
+                    assert_dispatch_equal(captured, want, f"rank {rank} replay {i} (split halves)")
                     assert torch.equal(combined.view(torch.int16), expected.view(torch.int16)), f"replay {i}: combine"
+                    assert torch.equal(combined_split.view(torch.int16), expected.view(torch.int16)), \
+                        f"replay {i}: split combine"
                     cud.check_errors()  # no error counted, no timeout
                 checks += 1
                 # An eager call with other inputs between replays.
@@ -275,7 +283,8 @@ def long_run_worker(rank: int, world_size: int, replays: int, check_every: int) 
                     assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
         elapsed = time.monotonic() - start
         if rank == 0:
-            print(f"[long run] {replays} replays of dispatch+combine (T_max={T}, H={H}, E={E}, K={K}, W={world_size}),"
+            print(f"[long run] {replays} replays of dispatch+combine, one-call and split "
+                  f"(T_max={T}, H={H}, E={E}, K={K}, W={world_size}),"
                   f" {checks} checks against the reference, {elapsed:.1f} s", flush=True)
 
 
