@@ -82,6 +82,9 @@ if [ ! -f build/libhybrid_ep_infer.so ]; then
     cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release >"$OUT/build.log" 2>&1 &&
     cmake --build build >>"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 fi
+# The multi-node engine's NVSHMEM: a carried copy of its host library and bootstrap plugin
+# (build/nvshmem/lib, see the README's "Multi-node engine"), else the machine's own.
+[ -z "${NVSHMEM_HOME:-}" ] && [ -d build/nvshmem/lib ] && export NVSHMEM_HOME=$PWD/build/nvshmem
 # Another build (an A/B variant) if the caller names one.
 export HYBRID_EP_INFER_LIBRARY=${HYBRID_EP_INFER_LIBRARY:-$PWD/build/libhybrid_ep_infer.so} HYBRID_EP_INFER_EXPECT_LIBRARY=1
 echo "library: $HYBRID_EP_INFER_LIBRARY" | tee -a "$OUT/machine.txt"

@@ -1,9 +1,6 @@
 // The C interface: argument checks, context lifetime and launches. Kernels live
 // in kernels/; this file only validates and forwards.
-#include <cstdarg>
-#include <cstdio>
 #include <new>
-#include <string>
 
 #include <cuda_runtime.h>
 
@@ -19,20 +16,6 @@
 #endif
 
 namespace hep {
-namespace {
-thread_local std::string last_error;
-}
-
-void set_last_error(const char* format, ...) {
-  char buffer[1024];
-  va_list args;
-  va_start(args, format);
-  std::vsnprintf(buffer, sizeof(buffer), format, args);
-  va_end(args);
-  last_error = buffer;
-}
-
-void clear_last_error() { last_error.clear(); }
 
 // The part of a kernel parameter block that comes from the attached buffer (the
 // same fields in DispatchParams and CombineParams).
@@ -67,7 +50,7 @@ const char* hep_status_string(hep_status_t status) {
   return "unknown status";
 }
 
-const char* hep_last_error(void) { return hep::last_error.c_str(); }
+const char* hep_last_error(void) { return hep::last_error(); }
 
 hep_status_t hep_context_create(const hep_context_config_t* config, hep_context_t** out) {
   hep::clear_last_error();

@@ -1,5 +1,5 @@
-// Status plumbing for the C interface: the per-thread last-error string and the
-// macros that turn a failed check or CUDA call into a returned hep_status_t.
+// Status plumbing for the C interfaces: the per-thread last-error string (status.cpp)
+// and the macros that turn a failed check or CUDA call into a returned hep_status_t.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -11,6 +11,7 @@ namespace hep {
 // Formats into the calling thread's last-error string (printf-style).
 void set_last_error(const char* format, ...) __attribute__((format(printf, 1, 2)));
 void clear_last_error();
+const char* last_error();  // the calling thread's ("" if none)
 
 }  // namespace hep
 

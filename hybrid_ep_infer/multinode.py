@@ -1,0 +1,247 @@
+"""The multi-node engine (docs/MULTINODE.md), first step: NVSHMEM's runtime under this
+library and the network leg's exchange step on it. The hierarchical dispatch and combine
+build on these; they are not here yet.
+
+``libhybrid_ep_infer_mn.so`` is a second compiled library, built only where NVSHMEM is
+found (``pip install 'hybrid-ep-infer[multinode]'`` brings NVSHMEM; CMake option
+``HEP_MULTINODE``). Without it this module imports and :func:`library_status` says why
+nothing loads.
+
+One NVSHMEM runtime per process, over one group: :func:`init` and :func:`shutdown` are
+collectives of that group, and so are :class:`Exchange`'s construction and ``close()``.
+On one GPU shared by several ranks (CUDA MPS), NVSHMEM runs several PEs per GPU when
+``NVSHMEM_IGNORE_CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=1`` (set here unless the caller set it).
+
+    import torch.distributed as dist
+    from hybrid_ep_infer import multinode
+    multinode.init()                       # the default group: PE = rank
+    ex = multinode.Exchange(1 << 20, peers=[r for r in range(W) if r % G == rank % G and r != rank])
+    ex.send.copy_(...)                     # then, on every rank, eagerly or in a CUDA graph:
+    ex.run()                               # ex.recv[r] holds rank r's bytes for every peer r
+    ex.check_errors()                      # a peer that never ran it: PeerTimeoutError
+    ex.close(); multinode.shutdown()
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.metadata
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .errors import ERROR_BLOCK_WORDS, ErrorKind, ErrorSnapshot, PeerTimeoutError
+from .peer_memory import _RawDeviceBytes
+
+MN_LIBRARY_NAME = "libhybrid_ep_infer_mn.so"
+MN_API_VERSION = 1  # HEP_MN_API_VERSION in csrc/include/hybrid_ep_infer/hybrid_ep_infer_mn.h
+UNIQUE_ID_BYTES = 128
+MAX_PEERS = 64
+PHASE_NAMES = {8: "multi-node exchange (network leg)"}
+
+
+class MultinodeError(RuntimeError):
+    """The multi-node library is missing, or one of its calls failed."""
+
+
+class _ExchangeDesc(ctypes.Structure):
+    _fields_ = [("bytes", ctypes.c_int64), ("num_peers", ctypes.c_int32), ("peers", ctypes.c_int32 * MAX_PEERS),
+                ("blocks_per_peer", ctypes.c_int32), ("timeout_ns", ctypes.c_uint64)]
+
+
+_SIGNATURES = {
+    "hep_mn_api_version": (ctypes.c_int, []),
+    "hep_mn_last_error": (ctypes.c_char_p, []),
+    "hep_mn_unique_id": (ctypes.c_int, [ctypes.c_void_p]),
+    "hep_mn_init": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]),
+    "hep_mn_initialized": (ctypes.c_int, []),
+    "hep_mn_finalize": (ctypes.c_int, []),
+    "hep_mn_exchange_create": (ctypes.c_int, [ctypes.POINTER(_ExchangeDesc), ctypes.POINTER(ctypes.c_void_p)]),
+    "hep_mn_exchange_buffers": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
+                                               ctypes.POINTER(ctypes.c_void_p)]),
+    "hep_mn_exchange_run": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_uint64]),
+    "hep_mn_exchange_error_block": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]),
+    "hep_mn_exchange_destroy": (ctypes.c_int, [ctypes.c_void_p]),
+}
+
+
+def nvshmem_lib_dir() -> Path | None:
+    """NVSHMEM's ``lib/``: ``$NVSHMEM_HOME/lib``, else the ``nvidia-nvshmem-cu13`` package's."""
+    if os.environ.get("NVSHMEM_HOME"):
+        return Path(os.environ["NVSHMEM_HOME"]) / "lib"
+    spec = importlib.util.find_spec("nvidia.nvshmem") if importlib.util.find_spec("nvidia") else None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "lib"
+
+
+def _candidate_paths() -> list[Path]:
+    paths = []
+    if os.environ.get("HYBRID_EP_INFER_MN_LIBRARY"):
+        paths.append(Path(os.environ["HYBRID_EP_INFER_MN_LIBRARY"]))
+    try:
+        paths.extend(Path(f.locate()).resolve() for f in importlib.metadata.files("hybrid-ep-infer") or []
+                     if f.name == MN_LIBRARY_NAME)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    paths.append(Path(__file__).resolve().parent.parent / "build" / MN_LIBRARY_NAME)
+    return paths
+
+
+class _Library:
+    def __init__(self, path: Path):
+        nvshmem = nvshmem_lib_dir()
+        host = sorted(nvshmem.glob("libnvshmem_host.so*")) if nvshmem and nvshmem.is_dir() else []
+        if not host:
+            raise OSError(f"NVSHMEM's host library was not found (looked in {nvshmem}); "
+                          "pip install nvidia-nvshmem-cu13 or set NVSHMEM_HOME")
+        ctypes.CDLL(str(host[0]), mode=ctypes.RTLD_GLOBAL)  # ours links to it by name
+        self._lib = ctypes.CDLL(str(path))
+        for name, (restype, argtypes) in _SIGNATURES.items():
+            fn = getattr(self._lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
+            setattr(self, name, fn)
+        if self.hep_mn_api_version() != MN_API_VERSION:
+            raise OSError(f"{path} has API version {self.hep_mn_api_version()}; this package needs {MN_API_VERSION}")
+        self.path = path
+
+    def check(self, status: int, what: str) -> None:
+        if status != 0:
+            raise MultinodeError(f"{what}: {self.hep_mn_last_error().decode() or f'status {status}'}")
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> tuple[_Library | None, str]:
+    tried = []
+    for path in _candidate_paths():
+        if not path.is_file():
+            continue
+        try:
+            return _Library(path), f"loaded {path}"
+        except (OSError, AttributeError) as e:
+            tried.append(f"{path}: {e}")
+    if not tried:
+        return None, (f"{MN_LIBRARY_NAME} not found: it is built only where NVSHMEM is found (pip install "
+                      "'hybrid-ep-infer[multinode]', or set NVSHMEM_HOME, then reinstall)")
+    return None, "could not load the multi-node library: " + "; ".join(tried)
+
+
+def library_status() -> tuple[bool, str]:
+    """``(loaded, a sentence saying what was loaded or why nothing was)``."""
+    lib, reason = _load()
+    return lib is not None, reason
+
+
+def _lib() -> _Library:
+    lib, reason = _load()
+    if lib is None:
+        raise MultinodeError(reason)
+    return lib
+
+
+def initialized() -> bool:
+    lib, _ = _load()
+    return lib is not None and bool(lib.hep_mn_initialized())
+
+
+def init(group: dist.ProcessGroup | None = None, device: torch.device | int | None = None) -> None:
+    """Starts NVSHMEM in this process with PE = the rank in ``group`` (a collective of the
+    group; any backend, gloo included). NVSHMEM ends the process if its start fails."""
+    lib = _lib()
+    if lib.hep_mn_initialized():
+        raise MultinodeError("the multi-node runtime is already started in this process (one per process)")
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device("cuda", device) \
+        if isinstance(device, int) else device
+    if device.type != "cuda":
+        raise ValueError(f"the multi-node runtime needs a CUDA device, got {device}")
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    os.environ.setdefault("NVSHMEM_IGNORE_CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "1")  # several PEs per GPU
+    os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")  # no multicast: shared hosts (and no collectives used)
+    uid = [None]
+    if rank == 0:
+        raw = ctypes.create_string_buffer(UNIQUE_ID_BYTES)
+        lib.check(lib.hep_mn_unique_id(raw), "creating NVSHMEM's unique id")
+        uid[0] = raw.raw
+    dist.broadcast_object_list(uid, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    lib.check(lib.hep_mn_init(ctypes.create_string_buffer(uid[0], UNIQUE_ID_BYTES), rank, world, device.index),
+              "starting NVSHMEM")
+
+
+def shutdown() -> None:
+    """Ends the runtime (a collective of init's group); every :class:`Exchange` must be closed."""
+    lib = _lib()
+    if lib.hep_mn_initialized():
+        lib.check(lib.hep_mn_finalize(), "ending NVSHMEM")
+
+
+class Exchange:
+    """One exchange step of the network leg on static symmetric buffers: every rank puts
+    ``send`` into its row of each peer's ``recv`` with a signal, then waits (bounded) for
+    every peer's row of this call. ``run`` is capturable in a CUDA graph and replayable.
+
+    Args:
+        nbytes: bytes each rank sends to each peer (a positive multiple of 16).
+        peers: the ranks to exchange with; each must name this rank too.
+        blocks_per_peer: thread blocks putting to one peer.
+        timeout_s: the bound of every wait.
+    """
+
+    def __init__(self, nbytes: int, peers: list[int], *, blocks_per_peer: int = 1, timeout_s: float = 10.0):
+        lib = _lib()
+        if not 1 <= len(peers) <= MAX_PEERS:
+            raise ValueError(f"peers: 1 to {MAX_PEERS} ranks, got {len(peers)}")
+        desc = _ExchangeDesc(bytes=nbytes, num_peers=len(peers), blocks_per_peer=blocks_per_peer,
+                             timeout_ns=int(timeout_s * 1e9))
+        for i, pe in enumerate(peers):
+            desc.peers[i] = pe
+        handle = ctypes.c_void_p()
+        lib.check(lib.hep_mn_exchange_create(ctypes.byref(desc), ctypes.byref(handle)), "creating an exchange")
+        self._lib, self._handle, self.peers = lib, handle, list(peers)
+        send, recv = ctypes.c_void_p(), ctypes.c_void_p()
+        lib.check(lib.hep_mn_exchange_buffers(handle, ctypes.byref(send), ctypes.byref(recv)), "exchange buffers")
+        world = dist.get_world_size()
+        device = torch.device("cuda", torch.cuda.current_device())
+        self.send = torch.as_tensor(_RawDeviceBytes(send.value, nbytes), device=device)
+        self.recv = torch.as_tensor(_RawDeviceBytes(recv.value, world * nbytes), device=device).view(world, nbytes)
+        block = ctypes.c_void_p()
+        lib.check(lib.hep_mn_exchange_error_block(handle, ctypes.byref(block)), "exchange error block")
+        self._errors = (ctypes.c_uint32 * ERROR_BLOCK_WORDS).from_address(block.value)
+
+    def run(self, stream: torch.cuda.Stream | None = None) -> None:
+        """One step on ``stream`` (default: the current one). A collective of this rank and its peers."""
+        stream = torch.cuda.current_stream() if stream is None else stream
+        self._lib.check(self._lib.hep_mn_exchange_run(self._live(), stream.cuda_stream), "running the exchange")
+
+    def check_errors(self, synchronize: bool = True) -> None:
+        """Raises :class:`PeerTimeoutError` (phase and peer named) if a wait has timed out."""
+        if synchronize:
+            torch.cuda.synchronize()
+        snapshot = ErrorSnapshot.from_words(list(self._errors))
+        if snapshot.count(ErrorKind.TIMEOUT):
+            phase = PHASE_NAMES.get(snapshot.timeout_phase, f"phase {snapshot.timeout_phase}")
+            raise PeerTimeoutError(f"rank {dist.get_rank()}: timed out in {phase} waiting for rank "
+                                   f"{snapshot.timeout_peer}; the process must restart to use NVSHMEM again",
+                                   phase=phase, peer=snapshot.timeout_peer, rank=dist.get_rank())
+
+    def close(self) -> None:
+        """Frees the exchange (a collective of the group, unless a wait timed out: then the
+        symmetric memory stays until the process ends)."""
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            self.send = self.recv = None
+            self._lib.check(self._lib.hep_mn_exchange_destroy(handle), "closing the exchange")
+
+    def _live(self) -> ctypes.c_void_p:
+        if self._handle is None:
+            raise MultinodeError("the exchange is closed")
+        return self._handle
+
+    def __enter__(self) -> Exchange:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
