@@ -3,9 +3,9 @@ library and the network leg's exchange step on it. The hierarchical dispatch and
 build on these; they are not here yet.
 
 ``libhybrid_ep_infer_mn.so`` is a second compiled library, built only where NVSHMEM is
-found (``pip install 'hybrid-ep-infer[multinode]'`` brings NVSHMEM; CMake option
-``HEP_MULTINODE``). Without it this module imports and :func:`library_status` says why
-nothing loads.
+found (the README's "Multi-node engine": NVSHMEM from the ``nvidia-nvshmem-cu13`` wheel,
+``NVSHMEM_HOME`` at install time; CMake option ``HEP_MULTINODE``). Without it this module
+imports and :func:`library_status` says why nothing loads.
 
 One NVSHMEM runtime per process, over one group: :func:`init` and :func:`shutdown` are
 collectives of that group, and so are :class:`Exchange`'s construction and ``close()``.
@@ -126,7 +126,7 @@ def _load() -> tuple[_Library | None, str]:
             tried.append(f"{path}: {e}")
     if not tried:
         return None, (f"{MN_LIBRARY_NAME} not found: it is built only where NVSHMEM is found (pip install "
-                      "'hybrid-ep-infer[multinode]', or set NVSHMEM_HOME, then reinstall)")
+                      "nvidia-nvshmem-cu13, then reinstall with NVSHMEM_HOME set: README, 'Multi-node engine')")
     return None, "could not load the multi-node library: " + "; ".join(tried)
 
 
