@@ -338,12 +338,12 @@ hep_status_t hep_dispatch_recv(hep_context_t* context, uint64_t stream) {
   HEP_REQUIRE(context != nullptr, "hep_dispatch_recv: NULL argument");
   HEP_REQUIRE(context->pending == hep_context::Pending::kDispatch, "hep_dispatch_recv: no hep_dispatch_send is pending%s",
               context->pending == hep_context::Pending::kCombine ? " (hep_combine_send is)" : "");
+  context->pending = hep_context::Pending::kNone;  // consumed, launched or not (as the caller sees it)
   hep::DispatchParams p{};
   hep::fill_buffer_params(*context, p);  // the receive reads only the workspace
   hep::DeviceGuard guard(context->device);
   HEP_CUDA_CALL(guard.status());
   HEP_CUDA_CALL(hep::launch_ll_dispatch(p, hep::kLowLatencyReceive, reinterpret_cast<cudaStream_t>(stream)));
-  context->pending = hep_context::Pending::kNone;
   return HEP_SUCCESS;
 }
 
@@ -400,7 +400,11 @@ hep_status_t hep_combine_send(hep_context_t* context, const hep_combine_args_t* 
   HEP_CUDA_CALL(guard.status());
   p.roles = hep::kCombineReduce;
   HEP_CUDA_CALL(hep::launch_combine(p, reinterpret_cast<cudaStream_t>(stream)));
+  // The receive half reads no input of the call: the send checked the routing.
   p.roles = hep::kCombineGather;
+  p.stale_verdict = p.topk_idx != nullptr;
+  p.topk_idx = nullptr;
+  p.y = nullptr;
   context->pending_combine = p;
   context->pending = hep_context::Pending::kCombine;
   return HEP_SUCCESS;
@@ -411,10 +415,10 @@ hep_status_t hep_combine_recv(hep_context_t* context, uint64_t stream) {
   HEP_REQUIRE(context != nullptr, "hep_combine_recv: NULL argument");
   HEP_REQUIRE(context->pending == hep_context::Pending::kCombine, "hep_combine_recv: no hep_combine_send is pending%s",
               context->pending == hep_context::Pending::kDispatch ? " (hep_dispatch_send is)" : "");
+  context->pending = hep_context::Pending::kNone;  // consumed, launched or not (as the caller sees it)
   hep::DeviceGuard guard(context->device);
   HEP_CUDA_CALL(guard.status());
   HEP_CUDA_CALL(hep::launch_combine(context->pending_combine, reinterpret_cast<cudaStream_t>(stream)));
-  context->pending = hep_context::Pending::kNone;
   return HEP_SUCCESS;
 }
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from hybrid_ep_infer import PeerTimeoutError, mapped_peer_buffers
+from hybrid_ep_infer import ErrorKind, PeerTimeoutError, mapped_peer_buffers, ops
 from hybrid_ep_infer._native import NativeError
 
 from dist_utils import gpu_world_sizes, rank_device, spawn_gpu
@@ -154,6 +154,49 @@ def run_split_graph(rank: int, world_size: int, replays: int) -> None:
                                           f"rank {rank}"
 
 
+def check_split_combine_inputs_reusable(rank: int, world_size: int) -> None:
+    """The ops' split combine with topk_idx (the stale-combine check): y and topk_idx
+    overwritten between the halves change nothing, and a stale routing is still caught."""
+    device = rank_device(rank)
+    case = Case(world_size=world_size, hidden=1024, max_tokens=48, num_experts=4 * world_size, top_k=4, seed=70)
+    inp = to_device(make_inputs(case)[rank], device)
+    with make_buffer(case, "cuda", low_latency=True) as cud, make_buffer(case, "reference", device=device) as ref:
+        d = ops.dispatch(cud, inp.x, inp.topk_idx, inp.topk_weights, num_tokens=inp.num_tokens)
+        want_d = ref.dispatch(inp.x, inp.topk_idx, inp.topk_weights, num_tokens=inp.num_tokens)
+        y = experts_on_dispatch_output(want_d, rank, case.num_local_experts)
+        want = ref.combine(y, want_d.handle).clone()
+        torch.cuda.synchronize()
+        cud._backend.take_errors()  # the dispatch's (none expected: the routing is valid)
+        for stale in (False, True):
+            what = f"split combine ops, inputs overwritten between the halves (stale routing: {stale}), rank {rank}"
+            idx = inp.topk_idx.clone()
+            if stale:  # row 0's first slot names another expert: the sanitized routing differs
+                idx[0, 0] = (idx[0, 0] + 1) % case.num_experts
+            y_in = y.clone()
+            out = torch.full((inp.x.shape[0], case.hidden), float("nan"), dtype=torch.bfloat16, device=device)
+            ops.combine_send(cud, y_in, d, idx, out=out)
+            idx.fill_(-1)  # the send's inputs, overwritten in stream order before the receive
+            y_in.zero_()
+            got = ops.combine_recv(cud, out)
+            torch.cuda.synchronize()
+            errors = cud._backend.take_errors()
+            if stale and inp.num_tokens > 0:
+                assert errors.count(ErrorKind.STALE_COMBINE) == 1, f"{what}: not counted ({errors.counts})"
+                assert torch.equal(got, torch.zeros_like(got)), f"{what}: output not zeroed"
+            else:
+                assert not errors, f"{what}: errors {errors.counts}"
+                assert bits_equal(got, want), what
+
+
+def check_mismatched_buffers_refused(rank: int, world_size: int) -> None:
+    """Ranks that build a buffer differently (here low_latency) are all refused before
+    any memory is shared: their workspace layouts would not match."""
+    case = Case(world_size=world_size, hidden=256, max_tokens=16, num_experts=2 * world_size, top_k=2)
+    with pytest.raises(ValueError, match="built alike on every rank; low_latency: rank 0 1, rank 1 0"):
+        make_buffer(case, "cuda", low_latency=rank == 0)
+    assert mapped_peer_buffers() == 0, "a refused buffer left peer mappings behind"
+
+
 def check_pending_rules(rank: int, world_size: int) -> None:
     """Out-of-order halves are refused before anything is launched, by the buffer and by
     the C library beneath it (so this is safe to run on every rank's own schedule)."""
@@ -243,6 +286,8 @@ def smoke_worker(rank: int, world_size: int) -> None:
     check_paths(rank, one_block, "device", num_sms=1)
     check_mixed_paths(rank, world_size, steps=21)
     run_split_graph(rank, world_size, replays=40)
+    check_split_combine_inputs_reusable(rank, world_size)
+    check_mismatched_buffers_refused(rank, world_size)
     check_pending_rules(rank, world_size)
     for path in ("low_latency", "split"):
         run_missing_peer(rank, world_size, path)

@@ -232,8 +232,14 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const __grid_constant
   const int W = s.world;
   const uint64_t combine = current_combine(p);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  bool ok = true;
-  if (p.roles & kCombineReduce) {
+  // A timed-out buffer writes no peer (a graph may replay after the host saw the timeout);
+  // one read per block, so its threads take the same barriers.
+  bool ok = !__syncthreads_or(threadIdx.x == 0 && timed_out_before(wait_context(p)));
+  if (ok && p.roles == kCombineReduce && p.topk_idx != nullptr) {  // the send half checks the routing
+    const int n = at<const int32_t>(p.local, p.off.src_tokens)[s.rank];
+    check_routing(p, n, blockIdx.x * kWarps + warp, gridDim.x * kWarps, lane);
+  }
+  if (ok && (p.roles & kCombineReduce)) {
     // Partials alternate between two halves by combine parity: before writing this half
     // on a source, that source must have finished reading it (its combine - 2). Nearly
     // always true on arrival; it matters when a rank has nothing to wait for (n = 0).
@@ -265,7 +271,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const __grid_constant
     }
   }
   __syncthreads();
-  if (last_block && p.topk_idx != nullptr) {  // the stale-combine check's verdict (combine.cuh)
+  if (last_block && (p.topk_idx != nullptr || p.stale_verdict)) {  // the stale-combine check's verdict (combine.cuh)
     __shared__ bool stale;
     if (threadIdx.x == 0) {
       __threadfence();  // every block's combine_stale store came before its count above

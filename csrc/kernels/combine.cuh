@@ -19,7 +19,9 @@
 // Stale-combine check (topk_idx given): each gather warp also compares its token's
 // routing, sanitized, with what the latest dispatch published for it; a difference
 // sets combine_stale, and the last block then overwrites the whole output with +0.0
-// and counts HEP_ERROR_STALE_COMBINE once. Partials are sent as usual.
+// and counts HEP_ERROR_STALE_COMBINE once. Partials are sent as usual. Split into
+// halves, the send half's warps compare (its inputs may be overwritten once it is
+// enqueued) and the receive half's last block takes the verdict.
 #pragma once
 
 #include <cstdint>
@@ -57,6 +59,7 @@ struct CombineParams {
   bool weighted;
   const void* topk_idx;  // [num_rows, K] routing to check against the latest dispatch's, or nullptr
   bool idx_is_int64;
+  bool stale_verdict;    // the receive half of a split combine whose send checked topk_idx
 };
 
 cudaError_t launch_combine(const CombineParams& params, cudaStream_t stream);

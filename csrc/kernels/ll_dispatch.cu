@@ -66,7 +66,8 @@ template <typename IndexT, int kPhases>
 __global__ void __launch_bounds__(kThreads, 1) ll_dispatch_kernel(const __grid_constant__ DispatchParams p) {
   const uint64_t call = *at<const uint64_t>(p.local, p.off.epoch) + 1;
   const int parity = static_cast<int>(call & 1);
-  if (!timed_out_before(wait_context(p))) {  // else the buffer is dead: touch no peer
+  // A dead buffer touches no peer; one read per block, so its threads take the same barriers.
+  if (!__syncthreads_or(threadIdx.x == 0 && timed_out_before(wait_context(p)))) {
     if (kPhases & kLowLatencySend) send_half<IndexT>(p, call, parity);
     if (kPhases & kLowLatencyReceive) receive_half(p, call, parity);
   }

@@ -8,6 +8,7 @@ be captured in CUDA graphs. Outputs are views of the local workspace.
 from __future__ import annotations
 
 import ctypes
+import json
 
 import torch
 
@@ -37,6 +38,22 @@ def low_latency_by_default(config: BufferConfig) -> bool:
             and low_latency_plan_table_bytes(config) <= LOW_LATENCY_SHARED_BUDGET)
 
 
+# What every rank of a buffer must agree on: the workspace layout follows from these (a rank
+# that differs would write into its peers at wrong offsets), and tuning is a collective.
+_SHARED_FIELDS = ("world_size", "hidden", "max_tokens", "num_experts", "top_k", "payload_bytes", "has_scales",
+                  "layout", "pad_multiple", "capacity", "low_latency")
+
+
+def _check_same_on_every_rank(desc: _native.BufferDesc, tune: bool, group) -> None:
+    """Raises ValueError on every rank if any rank's buffer differs in a shared field (a collective)."""
+    mine = {name: getattr(desc, name) for name in _SHARED_FIELDS} | {"tune": bool(tune)}
+    gathered = [json.loads(b) for b in placement.all_gather_bytes(json.dumps(mine).encode(), group)]
+    for rank, other in enumerate(gathered):
+        differ = [f"{k}: rank 0 {gathered[0][k]}, rank {rank} {other[k]}" for k in mine if other[k] != gathered[0][k]]
+        if differ:
+            raise ValueError("the buffer must be built alike on every rank; " + ", ".join(differ))
+
+
 class CudaBackend(Backend):
     name = "cuda"
 
@@ -61,6 +78,7 @@ class CudaBackend(Backend):
             top_k=c.top_k, payload_bytes=c.itemsize, has_scales=int(c.is_fp8),
             layout=0 if c.layout == CONTIGUOUS else 1, pad_multiple=c.pad_multiple, capacity=c.capacity,
             num_sms=num_sms, timeout_ns=int(timeout_s * 1e9), low_latency=int(low_latency))
+        _check_same_on_every_rank(self.desc, tune, group)
         self.layout = _native.workspace_layout(self.desc)
         self.output_copies = 0  # dispatches that had to copy into a compiler's functional outputs
         self.context = _native.NativeContext(device)
