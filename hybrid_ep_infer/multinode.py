@@ -43,6 +43,8 @@ UNIQUE_ID_BYTES = 128
 MAX_PEERS = 64
 PHASE_NAMES = {8: "multi-node exchange (network leg)"}
 
+_runtime = {"rank": -1, "world": 0}  # this process's PE and the runtime's size, set by init()
+
 
 class MultinodeError(RuntimeError):
     """The multi-node library is missing, or one of its calls failed."""
@@ -169,6 +171,7 @@ def init(group: dist.ProcessGroup | None = None, device: torch.device | int | No
     dist.broadcast_object_list(uid, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
     lib.check(lib.hep_mn_init(ctypes.create_string_buffer(uid[0], UNIQUE_ID_BYTES), rank, world, device.index),
               "starting NVSHMEM")
+    _runtime.update(rank=rank, world=world)
 
 
 def shutdown() -> None:
@@ -203,7 +206,7 @@ class Exchange:
         self._lib, self._handle, self.peers = lib, handle, list(peers)
         send, recv = ctypes.c_void_p(), ctypes.c_void_p()
         lib.check(lib.hep_mn_exchange_buffers(handle, ctypes.byref(send), ctypes.byref(recv)), "exchange buffers")
-        world = dist.get_world_size()
+        world = _runtime["world"]
         device = torch.device("cuda", torch.cuda.current_device())
         self.send = torch.as_tensor(_RawDeviceBytes(send.value, nbytes), device=device)
         self.recv = torch.as_tensor(_RawDeviceBytes(recv.value, world * nbytes), device=device).view(world, nbytes)
@@ -223,9 +226,10 @@ class Exchange:
         snapshot = ErrorSnapshot.from_words(list(self._errors))
         if snapshot.count(ErrorKind.TIMEOUT):
             phase = PHASE_NAMES.get(snapshot.timeout_phase, f"phase {snapshot.timeout_phase}")
-            raise PeerTimeoutError(f"rank {dist.get_rank()}: timed out in {phase} waiting for rank "
-                                   f"{snapshot.timeout_peer}; the process must restart to use NVSHMEM again",
-                                   phase=phase, peer=snapshot.timeout_peer, rank=dist.get_rank())
+            rank = _runtime["rank"]
+            raise PeerTimeoutError(f"rank {rank}: timed out in {phase} waiting for rank {snapshot.timeout_peer}; "
+                                   "the process must restart to use NVSHMEM again",
+                                   phase=phase, peer=snapshot.timeout_peer, rank=rank)
 
     def close(self) -> None:
         """Frees the exchange (a collective of the group, unless a wait timed out: then the
