@@ -1,5 +1,6 @@
 """The vLLM adapter (HybridEPPrepareAndFinalize) on the CUDA backend, 2 GPUs: a whole MoE
-layer (prepare -> torch experts on the returned rows and ids -> finalize) captured in one
+layer (prepare -> torch experts on the returned rows and ids -> finalize; also through
+prepare_async/finalize_async with other work between the halves) captured in one
 CUDA graph and replayed with fresh routing, tokens and weights each time, interleaved
 with eager calls. Every result equals, bit for bit, the same adapter on the reference
 backend (over NCCL, same GPUs), and the layer computed without expert parallelism
@@ -81,12 +82,20 @@ def expert_fn(x: torch.Tensor, expert: torch.Tensor, A: torch.Tensor, B: torch.T
     return torch.nn.functional.silu(xf * A[expert]) * (xf * B[expert])
 
 
-def layer(pf, x, topk_weights, topk_ids, A, B, quant_config=None):
-    """One vLLM-style MoE layer through the adapter, as FusedMoEKernel drives it."""
+def layer(pf, x, topk_weights, topk_ids, A, B, quant_config=None, split=False):
+    """One vLLM-style MoE layer through the adapter, as FusedMoEKernel drives it (``split``:
+    through prepare_async/finalize_async, with other work on the stream between each send
+    and its hook, as vLLM's shared experts)."""
     from hybrid_ep_infer_vllm import fp8_input
 
     E = A.shape[0]
-    a1q, scales, meta, ids, ones = pf.prepare(x, topk_weights, topk_ids, E, None, False, quant_config, False)
+    if split:
+        hook, receiver = pf.prepare_async(x, topk_weights, topk_ids, E, None, False, quant_config, False)
+        other_work(x)
+        hook()
+        a1q, scales, meta, ids, ones = receiver()
+    else:
+        a1q, scales, meta, ids, ones = pf.prepare(x, topk_weights, topk_ids, E, None, False, quant_config, False)
     if scales is not None:  # block-FP8 rows: what FP8 experts compute on
         a1q = fp8_input.dequantize(a1q, scales)
     first = pf.buffer.rank * pf.buffer.num_local_experts
@@ -98,8 +107,20 @@ def layer(pf, x, topk_weights, topk_ids, A, B, quant_config=None):
     # Rows that are not written carry any id and garbage rows: computed, never read.
     y = (expert_fn(a1q, expert.clamp(0, E - 1), A, B) * ones).to(x.dtype)
     out = torch.empty_like(x)
-    pf.finalize(out, y, topk_weights, topk_ids, False, None)
+    if split:
+        hook, receiver = pf.finalize_async(out, y, topk_weights, topk_ids, False, None)
+        other_work(x)
+        hook()
+        receiver()
+    else:
+        pf.finalize(out, y, topk_weights, topk_ids, False, None)
     return out
+
+
+def other_work(x: torch.Tensor) -> torch.Tensor:
+    """Work of the stream's between a send and its receive (reads x, writes a new tensor)."""
+    xf = x.float()
+    return xf @ xf.T
 
 
 def no_expert_parallelism(x, topk_weights, topk_ids, A, B) -> torch.Tensor:
@@ -113,7 +134,7 @@ def no_expert_parallelism(x, topk_weights, topk_ids, A, B) -> torch.Tensor:
 
 
 def run(rank: int, world_size: int, dtype: torch.dtype, local_ids: bool, layout: str = "contiguous",
-        fp8: bool = False) -> None:
+        fp8: bool = False, split: bool = False) -> None:
     from hybrid_ep_infer import EPBuffer
 
     HybridEPPrepareAndFinalize, exact_fp32 = import_adapter()
@@ -128,6 +149,7 @@ def run(rank: int, world_size: int, dtype: torch.dtype, local_ids: bool, layout:
     cud = EPBuffer(backend="cuda", **kw)
     ref = EPBuffer(backend="reference", device=device, **kw)
     pf_cuda = HybridEPPrepareAndFinalize(cud, activation_dtype=dtype, local_ids=local_ids)
+    assert not split or pf_cuda.supports_async(), "a low-latency CUDA buffer has split halves"
     pf_ref = HybridEPPrepareAndFinalize(ref, activation_dtype=dtype, local_ids=local_ids)
 
     g = torch.Generator().manual_seed(0)  # the same experts on every rank
@@ -159,18 +181,18 @@ def run(rank: int, world_size: int, dtype: torch.dtype, local_ids: bool, layout:
         assert err <= bound, f"rank {rank} {what}: relative error {err} against no expert parallelism"
 
     load()
-    compare(layer(pf_cuda, x, topk_weights, topk_ids, A, B, quant).clone(), "eager warm-up")
+    compare(layer(pf_cuda, x, topk_weights, topk_ids, A, B, quant, split).clone(), "eager warm-up")
     cud.check_errors(synchronize=True)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        graph_out = layer(pf_cuda, x, topk_weights, topk_ids, A, B, quant)
+        graph_out = layer(pf_cuda, x, topk_weights, topk_ids, A, B, quant, split)
     for i in range(REPLAYS):
         load()
         graph.replay()
         compare(graph_out.clone(), f"replay {i}")
         if i % 5 == 4:  # an eager call between replays
             load()
-            compare(layer(pf_cuda, x, topk_weights, topk_ids, A, B, quant).clone(), f"eager after replay {i}")
+            compare(layer(pf_cuda, x, topk_weights, topk_ids, A, B, quant, split).clone(), f"eager after replay {i}")
     cud.check_errors(synchronize=True)
     ref.check_errors()
     torch.cuda.synchronize()
@@ -183,6 +205,10 @@ def worker(rank: int, world_size: int) -> None:
         run(rank, world_size, torch.bfloat16, local_ids=False)
     with check("adapter layer in a CUDA graph", f"W={world_size}, fp32, local ids"):
         run(rank, world_size, torch.float32, local_ids=True)
+    with check("adapter layer through prepare_async/finalize_async in a CUDA graph", f"W={world_size}, bf16"):
+        run(rank, world_size, torch.bfloat16, local_ids=False, split=True)
+    with check("adapter layer through prepare_async/finalize_async in a CUDA graph", f"W={world_size}, fp32"):
+        run(rank, world_size, torch.float32, local_ids=True, split=True)
 
 
 @pytest.mark.gpu
