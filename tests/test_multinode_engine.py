@@ -45,6 +45,7 @@ def needs_engine() -> None:
     os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(64 << 20))  # W PEs share one GPU's memory
     os.environ.setdefault("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "lo")  # every rank on this host
     os.environ.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")  # simulated nodes: no NIC needed
+    os.environ.setdefault("NVSHMEM_DISABLE_NCCL", "1")  # (NVSHMEM turns NCCL off under MPS anyway, with a warning)
 
 
 def exchange_worker(rank: int, world_size: int, per_node: int, replays: int) -> None:
