@@ -96,6 +96,19 @@ def _measure(backend, group) -> tuple[dict[str, int], list[tuple[str, tuple, flo
     return chosen, report
 
 
+def fastest_per_path(backend, num_sms: int) -> dict[int, dict[str, int]]:
+    """For a tuned buffer, each dispatch path's fastest candidate (its dispatch fields), from
+    the tuner's report of the buffer's shape; {} where it was not tuned. What the benchmark
+    runs to time each path at its best (the planned one is what a buffer without the
+    low-latency path would choose)."""
+    key = cache_key(backend.config, num_sms, backend.device, backend.supports_split)
+    best: dict[int, tuple[float, tuple[int, ...]]] = {}
+    for op, candidate, time_us in reports.get(key, []):
+        if op == "dispatch" and (candidate[0] not in best or time_us < best[candidate[0]][0]):
+            best[candidate[0]] = (time_us, candidate)
+    return {path: dict(zip(DISPATCH_FIELDS, candidate)) for path, (_, candidate) in best.items()}
+
+
 def dispatch_candidates(low_latency: bool) -> tuple[tuple[int, ...], ...]:
     """The dispatch candidates a buffer can run (the low-latency one only where built)."""
     return tuple(c for c in DISPATCH_CANDIDATES if low_latency or c[0] == PLANNED)

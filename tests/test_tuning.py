@@ -105,7 +105,8 @@ class _FakeContext:
 
 def test_tune_times_every_candidate_sets_the_choice_and_caches_it(monkeypatch):
     """tune() on CPU with a stand-in context: every candidate timed once, the fastest set
-    and cached (a second buffer of the shape times nothing), the report kept."""
+    and cached (a second buffer of the shape times nothing), the report kept, and each
+    dispatch path's fastest candidate read from it."""
     single_rank_group()
     config = BufferConfig.create(rank=0, world_size=1, hidden=256, max_tokens=32, num_experts=4, top_k=2,
                                  dtype=torch.bfloat16, layout="contiguous", pad_multiple=1, capacity=None)
@@ -137,6 +138,11 @@ def test_tune_times_every_candidate_sets_the_choice_and_caches_it(monkeypatch):
     assert context.calls == {"dispatch": 1 + len(tuning.DISPATCH_CANDIDATES), "combine": len(tuning.COMBINE_CANDIDATES)}
     (report,) = tuning.reports.values()
     assert len(report) == len(tuning.DISPATCH_CANDIDATES) + len(tuning.COMBINE_CANDIDATES)
+    # Each path's fastest candidate (what the benchmark times each path with).
+    assert tuning.fastest_per_path(backend, 24) == {
+        tuning.PLANNED: dict(zip(tuning.DISPATCH_FIELDS, fastest_dispatch)),
+        tuning.LOW_LATENCY: dict(zip(tuning.DISPATCH_FIELDS, tuning.DISPATCH_CANDIDATES[0]))}
+    assert tuning.fastest_per_path(backend, 16) == {}  # a shape never tuned
 
     other = _FakeContext()
     backend.context = other

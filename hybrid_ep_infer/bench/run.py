@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .. import EPBuffer
+from .. import tuning as tuning_of
 from ..placement import collective_device
 from .baselines import AllGatherReduceScatter, AllToAll
 from .configs import BenchConfig
@@ -130,14 +131,18 @@ def run_case(cfg: BenchConfig, dtype_name: str, routing: str, n: int, timer: Tim
             buf.combine(experts(rows, r.offsets[1:]), r.handle, out=out)
 
         sms = buf.num_sms if cuda else None
-        tuning = dict(buf._backend.tuning) if cuda else None  # what the construction-time tuner chose
+        chosen = dict(buf._backend.tuning) if cuda else None  # what the construction-time tuner chose
+        # Each dispatch path at its own best candidate (the tuner's report), combine as chosen.
+        best = tuning_of.fastest_per_path(buf._backend, buf._backend.desc.num_sms) if cuda else {}
         ours_ops = {"dispatch": ours_dispatch, "combine": ours_combine, "round_trip": ours_round_trip,
                     "layer": ours_layer}
         # CUDA: each dispatch path of the buffer (the planned one is main's algorithm).
         paths = dispatch_paths(buf) if cuda else {ours: None}
         for impl, path in paths.items():
+            tuning = chosen
             if path is not None:
-                buf._backend.context.set_tuning(dispatch_path=path)
+                tuning = chosen | best.get(path, {"dispatch_path": path})
+                buf._backend.context.set_tuning(**tuning)
                 ours_dispatch()
             for op in args.ops:
                 if op in SPLIT_OPS:
@@ -146,6 +151,8 @@ def run_case(cfg: BenchConfig, dtype_name: str, routing: str, n: int, timer: Tim
                 record(op, impl, "graph", timer.measure_graph(ours_ops[op]), sms, tuning)
                 ours_dispatch()  # the next op's handle is the latest dispatch
         if cuda and buf._backend.desc.low_latency and any(op in SPLIT_OPS for op in args.ops):
+            tuning = chosen | best.get(1, {"dispatch_path": 1})
+            buf._backend.context.set_tuning(**tuning)
             records += time_split_halves(buf, timer, x, idx, weights, scales, y, out, record, sms, tuning)
 
     baselines = () if args.setup == "shared_gpu" else (AllGatherReduceScatter, AllToAll)  # NCCL refuses shared GPUs
