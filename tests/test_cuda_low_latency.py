@@ -224,14 +224,8 @@ def run_missing_peer(rank: int, world_size: int, path: str) -> None:
     torch.cuda.synchronize()
     buf.check_errors()
     dist.barrier()
-    if rank == 0:
-        start = time.monotonic()
-        run_dispatch(buf, inp, path)  # the others never make this call
-        with pytest.raises(PeerTimeoutError) as info:
-            buf.check_errors(synchronize=True)
-        elapsed = time.monotonic() - start
-        assert 1.5 <= elapsed <= 30, f"missing peer ({path}): timed out after {elapsed:.1f} s"
-        assert info.value.peer != 0 and "routing" in info.value.phase, f"missing peer ({path}): {info.value}"
+    if rank == 0:  # the others never make this call
+        expect_timeout(buf, lambda: run_dispatch(buf, inp, path), "routing", f"missing peer ({path})")
     dist.barrier()
     buf.close()
 
@@ -252,15 +246,22 @@ def run_missing_peer_in_combine(rank: int, world_size: int) -> None:
         buf.check_errors()
         dist.barrier()
     if rank == 0:
-        start = time.monotonic()
-        run_combine(buf, y, got.handle, split=True)
-        with pytest.raises(PeerTimeoutError) as info:
-            buf.check_errors(synchronize=True)
-        elapsed = time.monotonic() - start
-        assert 1.5 <= elapsed <= 30, f"missing peer (combine halves): timed out after {elapsed:.1f} s"
-        assert info.value.peer != 0 and "combine" in info.value.phase, f"missing peer (combine halves): {info.value}"
+        expect_timeout(buf, lambda: run_combine(buf, y, got.handle, split=True), "combine",
+                       "missing peer (combine halves)")
     dist.barrier()
     buf.close()
+
+
+def expect_timeout(buf, call, phase: str, what: str) -> None:
+    """On rank 0: `call` waits for peers that never come; check_errors raises a timeout
+    within the bound (2 s) naming a phase containing `phase` and another rank."""
+    start = time.monotonic()
+    call()
+    with pytest.raises(PeerTimeoutError) as info:
+        buf.check_errors(synchronize=True)
+    elapsed = time.monotonic() - start
+    assert 1.5 <= elapsed <= 30, f"{what}: timed out after {elapsed:.1f} s"
+    assert info.value.peer != 0 and phase in info.value.phase, f"{what}: {info.value}"
 
 
 def cases(world_size: int) -> list[Case]:
