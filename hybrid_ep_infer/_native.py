@@ -164,16 +164,37 @@ def build_note() -> str | None:
     return None
 
 
+def bind_functions(target, path: Path, signatures: dict) -> ctypes.CDLL:
+    """Loads the library at ``path`` and sets each of its ``signatures`` (name ->
+    (restype, argtypes)), typed, as an attribute of ``target``."""
+    lib = ctypes.CDLL(str(path))
+    for name, (restype, argtypes) in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+        setattr(target, name, fn)
+    return lib
+
+
+def load_first(paths: list[Path], make):
+    """``(make(path), [])`` for the first existing path ``make`` loads, else ``(None, why
+    each existing path failed)``."""
+    tried = []
+    for path in paths:
+        if not path.is_file():
+            continue
+        try:
+            return make(path), tried
+        except (OSError, AttributeError) as e:  # unloadable, or an older build missing a symbol
+            tried.append(f"{path}: {e}")
+    return None, tried
+
+
 class NativeLibrary:
     """The loaded library with typed functions; ``check`` turns a status into an exception."""
 
     def __init__(self, path: Path):
         self.path = path
-        self._lib = ctypes.CDLL(str(path))
-        for name, (restype, argtypes) in _SIGNATURES.items():
-            fn = getattr(self._lib, name)
-            fn.restype, fn.argtypes = restype, argtypes
-            setattr(self, name, fn)
+        self._lib = bind_functions(self, path, _SIGNATURES)
         found = self.hep_api_version()
         if found != API_VERSION:
             raise OSError(f"{path} has C API version {found}; this package needs {API_VERSION} (rebuild it)")
@@ -187,14 +208,9 @@ class NativeLibrary:
 
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[NativeLibrary | None, str]:
-    tried = []
-    for path in _candidate_paths():
-        if not path.is_file():
-            continue
-        try:
-            return NativeLibrary(path), f"loaded {path}"
-        except (OSError, AttributeError) as e:  # unloadable, or an older build missing a symbol
-            tried.append(f"{path}: {e}")
+    lib, tried = load_first(_candidate_paths(), NativeLibrary)
+    if lib is not None:
+        return lib, f"loaded {lib.path}"
     if not tried:
         note = build_note()
         if note is not None and note.startswith("not built"):

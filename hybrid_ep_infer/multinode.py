@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.metadata
 import importlib.util
 import os
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from . import _native
 from .errors import ERROR_BLOCK_WORDS, ErrorKind, ErrorSnapshot, PeerTimeoutError
 from .peer_memory import _RawDeviceBytes
 
@@ -82,14 +82,11 @@ def nvshmem_lib_dir() -> Path | None:
 
 
 def _candidate_paths() -> list[Path]:
+    """As the main library's (_native.py): the environment's, the install's, build/."""
     paths = []
     if os.environ.get("HYBRID_EP_INFER_MN_LIBRARY"):
         paths.append(Path(os.environ["HYBRID_EP_INFER_MN_LIBRARY"]))
-    try:
-        paths.extend(Path(f.locate()).resolve() for f in importlib.metadata.files("hybrid-ep-infer") or []
-                     if f.name == MN_LIBRARY_NAME)
-    except importlib.metadata.PackageNotFoundError:
-        pass
+    paths.extend(_native._installed_files(MN_LIBRARY_NAME))
     paths.append(Path(__file__).resolve().parent.parent / "build" / MN_LIBRARY_NAME)
     return paths
 
@@ -102,11 +99,7 @@ class _Library:
             raise OSError(f"NVSHMEM's host library was not found (looked in {nvshmem}); "
                           "pip install nvidia-nvshmem-cu13 or set NVSHMEM_HOME")
         ctypes.CDLL(str(host[0]), mode=ctypes.RTLD_GLOBAL)  # ours links to it by name
-        self._lib = ctypes.CDLL(str(path))
-        for name, (restype, argtypes) in _SIGNATURES.items():
-            fn = getattr(self._lib, name)
-            fn.restype, fn.argtypes = restype, argtypes
-            setattr(self, name, fn)
+        self._lib = _native.bind_functions(self, path, _SIGNATURES)
         if self.hep_mn_api_version() != MN_API_VERSION:
             raise OSError(f"{path} has API version {self.hep_mn_api_version()}; this package needs {MN_API_VERSION}")
         self.path = path
@@ -118,14 +111,9 @@ class _Library:
 
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[_Library | None, str]:
-    tried = []
-    for path in _candidate_paths():
-        if not path.is_file():
-            continue
-        try:
-            return _Library(path), f"loaded {path}"
-        except (OSError, AttributeError) as e:
-            tried.append(f"{path}: {e}")
+    lib, tried = _native.load_first(_candidate_paths(), _Library)
+    if lib is not None:
+        return lib, f"loaded {lib.path}"
     if not tried:
         return None, (f"{MN_LIBRARY_NAME} not found: it is built only where NVSHMEM is found (pip install "
                       "nvidia-nvshmem-cu13, then reinstall with NVSHMEM_HOME set: README, 'Multi-node engine')")
@@ -143,11 +131,6 @@ def _lib() -> _Library:
     if lib is None:
         raise MultinodeError(reason)
     return lib
-
-
-def initialized() -> bool:
-    lib, _ = _load()
-    return lib is not None and bool(lib.hep_mn_initialized())
 
 
 def init(group: dist.ProcessGroup | None = None, device: torch.device | int | None = None) -> None:
