@@ -134,6 +134,11 @@ def run_case(cfg: BenchConfig, dtype_name: str, routing: str, n: int, timer: Tim
         chosen = dict(buf._backend.tuning) if cuda else None  # what the construction-time tuner chose
         # Each dispatch path at its own best candidate (the tuner's report), combine as chosen.
         best = tuning_of.fastest_per_path(buf._backend, buf._backend.desc.num_sms) if cuda else {}
+
+        def use_path(path: int) -> dict:
+            tuning = chosen | best.get(path, {"dispatch_path": path})
+            buf._backend.context.set_tuning(**tuning)
+            return tuning
         ours_ops = {"dispatch": ours_dispatch, "combine": ours_combine, "round_trip": ours_round_trip,
                     "layer": ours_layer}
         # CUDA: each dispatch path of the buffer (the planned one is main's algorithm).
@@ -141,8 +146,7 @@ def run_case(cfg: BenchConfig, dtype_name: str, routing: str, n: int, timer: Tim
         for impl, path in paths.items():
             tuning = chosen
             if path is not None:
-                tuning = chosen | best.get(path, {"dispatch_path": path})
-                buf._backend.context.set_tuning(**tuning)
+                tuning = use_path(path)
                 ours_dispatch()
             for op in args.ops:
                 if op in SPLIT_OPS:
@@ -151,9 +155,7 @@ def run_case(cfg: BenchConfig, dtype_name: str, routing: str, n: int, timer: Tim
                 record(op, impl, "graph", timer.measure_graph(ours_ops[op]), sms, tuning)
                 ours_dispatch()  # the next op's handle is the latest dispatch
         if cuda and buf._backend.desc.low_latency and any(op in SPLIT_OPS for op in args.ops):
-            tuning = chosen | best.get(1, {"dispatch_path": 1})
-            buf._backend.context.set_tuning(**tuning)
-            records += time_split_halves(buf, timer, x, idx, weights, scales, y, out, record, sms, tuning)
+            records += time_split_halves(buf, timer, x, idx, weights, scales, y, out, record, sms, use_path(1))
 
     baselines = () if args.setup == "shared_gpu" else (AllGatherReduceScatter, AllToAll)  # NCCL refuses shared GPUs
     for baseline_cls in baselines:
@@ -223,8 +225,8 @@ def calibrated_sleep(device: torch.device, us: float):
 def time_split_halves(buf: EPBuffer, timer: Timer, x, idx, weights, scales, y, out, record, sms, tuning) -> list:
     """Graph-replayed: the other work alone (``other``), then send, the same work, receive
     for dispatch (``dispatch_split``) and combine (``combine_split``). A send half hides
-    behind the work when dispatch_split - other is well below the one-call dispatch."""
-    buf._backend.context.set_tuning(dispatch_path=1)
+    behind the work when dispatch_split - other is well below the one-call dispatch. The
+    caller has set the low-latency path's ``tuning``."""
     other = calibrated_sleep(buf.device, SPLIT_WORK_US)
     state = {"result": buf.dispatch(x, idx, weights, scales=scales)}
 
