@@ -31,6 +31,7 @@
 #   WORLD_SIZES=8 TESTS=tests/test_cuda_reliability.py bash benchmarks/gpu_run.sh --one-gpu slow
 #   BENCH_RANKS="2 4 8" bash benchmarks/gpu_run.sh --one-gpu bench   # the decode table per W
 #   TIER_TIMEOUT=540 ...                   # seconds each test tier may take (default 570)
+#   KEEP_GOING=1 ...                       # run every test of a tier past a failure (default: stop at the first)
 #
 # More than 8 files under $OUT are packed into $OUT/logs.tgz at the end (results.md,
 # results.json and machine.txt stay beside it).
@@ -167,7 +168,7 @@ for tier in "${tiers[@]}"; do
   fi
   echo "== $tier: pytest -m '$markers'"
   # shellcheck disable=SC2086
-  timeout -k 10 "${TIER_TIMEOUT:-570}" python3 -m pytest ${TESTS:-tests} -m "$markers" -q -rs -s -x \
+  timeout -k 10 "${TIER_TIMEOUT:-570}" python3 -m pytest ${TESTS:-tests} -m "$markers" -q -rs -s -x ${KEEP_GOING:+--maxfail=1000} \
     --durations=15 --junitxml="$OUT/pytest-$tier.xml" 2>&1 | tee "$OUT/pytest-$tier.log"
   status=${PIPESTATUS[0]}
   [ "$status" -eq 0 ] || break
