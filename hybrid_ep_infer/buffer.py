@@ -18,6 +18,7 @@ from .backends import Backend, CudaBackend, ReferenceBackend
 from .calls import DispatchOutputs
 from .config import BufferConfig
 from .errors import PHASE_NAMES, BufferClosedError, PeerTimeoutError, raise_for_errors
+from .multinode import multinode_unavailable_reason
 from .validation import check_combine_args, check_dispatch_args
 
 BACKENDS = ("auto", "cuda", "reference")
@@ -27,6 +28,18 @@ _buffer_ids = itertools.count(1)
 # Live buffers by id: how the custom ops (ops.py) reach a buffer without passing a
 # Python object through a traced graph.
 _live_buffers: weakref.WeakValueDictionary[int, EPBuffer] = weakref.WeakValueDictionary()
+
+
+def _check_ranks_per_node(ranks_per_node: int | None, world_size: int) -> int:
+    """G for ``ranks_per_node`` (the group size for None); ValueError/TypeError naming it."""
+    if ranks_per_node is None:
+        return world_size
+    if not isinstance(ranks_per_node, int) or isinstance(ranks_per_node, bool):
+        raise TypeError(f"ranks_per_node must be an int or None, got {type(ranks_per_node).__name__}")
+    if ranks_per_node < 1 or world_size % ranks_per_node:
+        raise ValueError(f"ranks_per_node must be >= 1 and divide the group size ({world_size}), "
+                         f"got {ranks_per_node}")
+    return ranks_per_node
 
 
 def live_buffer(buffer_id: int) -> EPBuffer:
@@ -153,6 +166,13 @@ class EPBuffer:
         device: where outputs live. Default: the current CUDA device for the CUDA
             backend or an NCCL group, else the CPU.
         debug: run :meth:`check_errors` after every eager call (not while capturing).
+        ranks_per_node: G, the ranks of one NVLink domain (a node): ranks ``[i*G,
+            (i+1)*G)`` form node i, the order torchrun gives. ``None`` or the group size:
+            one domain (the only setting the CUDA backend runs today). Fewer needs the
+            multi-node backend (``docs/MULTINODE.md``), not built yet: ``backend="cuda"``
+            (and ``"auto"`` where CUDA is available) raises ``RuntimeError`` with
+            :func:`hybrid_ep_infer.multinode.multinode_unavailable_reason`; the reference
+            backend accepts it (results do not depend on it). Every rank passes the same.
     """
 
     def __init__(
@@ -174,6 +194,7 @@ class EPBuffer:
         device: torch.device | str | None = None,
         debug: bool = False,
         low_latency: bool | None = None,
+        ranks_per_node: int | None = None,
     ):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("EPBuffer needs torch.distributed to be initialized (init_process_group)")
@@ -189,6 +210,7 @@ class EPBuffer:
             rank=dist.get_rank(group), world_size=dist.get_world_size(group), hidden=hidden,
             max_tokens=max_tokens, num_experts=num_experts, top_k=top_k, dtype=dtype, layout=layout,
             pad_multiple=pad_multiple, capacity=capacity)
+        self.ranks_per_node = _check_ranks_per_node(ranks_per_node, self.config.world_size)
         self.group = group
         self.num_sms = num_sms
         self.timeout_s = float(timeout_s)
@@ -200,6 +222,10 @@ class EPBuffer:
             reason = cuda_backend_unavailable_reason()
             if reason is not None:
                 raise RuntimeError(f"backend='cuda' is not available: {reason}. Use backend='reference'.")
+            if self.ranks_per_node < self.config.world_size:
+                raise RuntimeError(f"ranks_per_node={self.ranks_per_node} (fewer than the group's "
+                                   f"{self.config.world_size} ranks) needs the multi-node backend: "
+                                   f"{multinode_unavailable_reason()}. Use backend='reference'.")
         self.device = _resolve_device(device, backend, group)
         self._backend: Backend
         if backend == "cuda":
@@ -237,6 +263,11 @@ class EPBuffer:
     @property
     def num_local_experts(self) -> int:
         return self.config.num_local_experts
+
+    @property
+    def num_nodes(self) -> int:
+        """Nodes (NVLink domains) the group spans: ``world_size // ranks_per_node``."""
+        return self.config.world_size // self.ranks_per_node
 
     @property
     def capacity(self) -> int:

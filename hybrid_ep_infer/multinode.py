@@ -126,6 +126,17 @@ def library_status() -> tuple[bool, str]:
     return lib is not None, reason
 
 
+def multinode_unavailable_reason() -> str:
+    """Why ``EPBuffer(ranks_per_node=G)`` with G below the group size cannot run on the
+    CUDA backend here: the library is missing, or (today, always) the hierarchical
+    dispatch and combine are not built yet."""
+    loaded, reason = library_status()
+    if not loaded:
+        return reason
+    return ("the hierarchical dispatch and combine are not built yet (docs/MULTINODE.md, section 9: "
+            "this library has only the network leg's exchange step)")
+
+
 def _lib() -> _Library:
     lib, reason = _load()
     if lib is None:

@@ -1,0 +1,63 @@
+"""EPBuffer's ranks_per_node (docs/MULTINODE.md): checked, reported, and, until the
+hierarchical backend exists, refused by the CUDA backend below the group size with the
+reason; the reference backend's results do not depend on it."""
+
+import pytest
+
+from hybrid_ep_infer import EPBuffer
+from hybrid_ep_infer import buffer as buffer_module
+from hybrid_ep_infer.multinode import multinode_unavailable_reason
+
+from dist_utils import spawn
+from moe_cases import Case, bits_equal, check_dispatch, experts_on_dispatch_output, make_inputs, oracle_combine
+
+H, T, E, K = 128, 4, 4, 2
+
+
+@pytest.mark.parametrize("value, error, match", [
+    (0, ValueError, "ranks_per_node must be >= 1 and divide the group size \\(1\\), got 0"),
+    (2, ValueError, "divide the group size \\(1\\), got 2"),
+    (1.0, TypeError, "ranks_per_node must be an int or None, got float"),
+    (True, TypeError, "got bool"),
+])
+def test_bad_ranks_per_node_is_named(one_rank_group, value, error, match):
+    with pytest.raises(error, match=match):
+        EPBuffer(hidden=H, max_tokens=T, num_experts=E, top_k=K, backend="reference", ranks_per_node=value)
+
+
+def test_one_rank_group_is_one_node(one_rank_group):
+    with EPBuffer(hidden=H, max_tokens=T, num_experts=E, top_k=K, backend="reference") as buf:
+        assert (buf.ranks_per_node, buf.num_nodes) == (1, 1)
+
+
+def test_the_reason_says_what_is_missing():
+    reason = multinode_unavailable_reason()
+    # Without the library: how to build it; with it: that the hierarchical kernels are missing.
+    assert "libhybrid_ep_infer_mn.so" in reason or "hierarchical dispatch and combine are not built" in reason
+
+
+def nodes_worker(rank: int, world_size: int) -> None:
+    case = Case(world_size=world_size, hidden=256, max_tokens=12, num_experts=4 * world_size, top_k=3,
+                routing="skewed", seed=3)
+    inputs = make_inputs(case)
+    mine = inputs[rank]
+    for ranks_per_node in (None, 1, 2, world_size):
+        with EPBuffer(hidden=case.hidden, max_tokens=case.max_tokens, num_experts=case.num_experts,
+                      top_k=case.top_k, backend="reference", ranks_per_node=ranks_per_node) as buf:
+            G = world_size if ranks_per_node is None else ranks_per_node
+            assert (buf.ranks_per_node, buf.num_nodes) == (G, world_size // G), ranks_per_node
+            result = buf.dispatch(mine.x, mine.topk_idx, mine.topk_weights, num_tokens=mine.num_tokens)
+            check_dispatch(case, inputs, rank, result)
+            out = buf.combine(experts_on_dispatch_output(result, rank, case.num_local_experts), result.handle)
+            assert bits_equal(out, oracle_combine(case, inputs, rank, True)), f"ranks_per_node={ranks_per_node}"
+
+    # The CUDA backend below the group size: refused with the reason, before anything is built
+    # (the check that CUDA is usable is bypassed, so this runs on any machine).
+    buffer_module.cuda_backend_unavailable_reason = lambda: None
+    with pytest.raises(RuntimeError, match="ranks_per_node=2 \\(fewer than the group's 4 ranks\\) needs the "
+                                           "multi-node backend: .*backend='reference'"):
+        EPBuffer(hidden=H, max_tokens=T, num_experts=4 * world_size, top_k=K, backend="cuda", ranks_per_node=2)
+
+
+def test_reference_results_do_not_depend_on_ranks_per_node():
+    spawn(4, nodes_worker)
