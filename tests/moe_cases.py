@@ -38,6 +38,7 @@ class Case:
     routing: str = "random"
     idx_dtype: torch.dtype = torch.int64
     seed: int = 0
+    num_tokens: tuple[int, ...] | None = None  # n of rank s: num_tokens[s % len] (else as the routing says)
 
     @property
     def num_local_experts(self) -> int:
@@ -77,6 +78,8 @@ def make_inputs(case: Case) -> list[RankInputs]:
         n = m if case.routing != "ragged" else int(torch.randint(0, m + 1, (1,), generator=g))
         if case.routing == "empty_rank" and s == W - 1:
             n = 0
+        if case.num_tokens is not None:
+            n = min(case.num_tokens[s % len(case.num_tokens)], m)
         # K distinct experts per token, uniformly.
         idx = torch.rand(m, E, generator=g).argsort(dim=1)[:, :K]
         if case.routing == "skewed":  # every token picks experts 0..K-1: one rank gets it all

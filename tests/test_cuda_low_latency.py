@@ -277,6 +277,10 @@ def cases(world_size: int) -> list[Case]:
         dataclasses.replace(base, layout="batched", capacity=20, routing="skewed", seed=8),
         dataclasses.replace(base, hidden=640, dtype=torch.float8_e4m3fn, num_experts=4 * world_size, top_k=3,
                             routing="order", seed=10),
+        # Decode sizes: rows in column slices, the sources' slice counts differing (8, 4, 2, none).
+        dataclasses.replace(base, num_tokens=(2,), seed=12),
+        dataclasses.replace(base, num_tokens=(3, 12, 1, 0), routing="masked", seed=13),
+        dataclasses.replace(base, num_tokens=(40, 5), dtype=torch.float8_e4m3fn, layout="batched", seed=14),
     ]
 
 
