@@ -42,6 +42,10 @@ def good(m=T):
     (dict(num_sms=0), ValueError, "num_sms"),
     (dict(timeout_s=0), ValueError, "timeout_s"),
     (dict(backend="nccl"), ValueError, "backend"),
+    (dict(ranks_per_node=0), ValueError, "ranks_per_node must be >= 1 and divide the group size \\(1\\), got 0"),
+    (dict(ranks_per_node=2), ValueError, "divide the group size \\(1\\), got 2"),
+    (dict(ranks_per_node=1.0), TypeError, "ranks_per_node must be an int or None, got float"),
+    (dict(ranks_per_node=True), TypeError, "ranks_per_node must be an int or None, got bool"),
 ])
 def test_constructor_arguments(one_rank_group, kwargs, error, match):
     args = dict(hidden=H, max_tokens=T, num_experts=E, top_k=K, backend="reference")
