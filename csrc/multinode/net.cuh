@@ -1,13 +1,13 @@
 // The network leg's device seam (docs/MULTINODE.md section 5): the only place kernels
-// touch the engine. NVSHMEM implements it; NCCL GIN can implement the same five calls.
+// touch the engine. NVSHMEM implements it; NCCL GIN can implement the same three calls.
 //
-//   put_signal_warp   the bytes, then the peer's signal updated (data before signal: the
-//                     engine's put-with-signal orders them, on every transport)
-//   wait_signal       acquires a local signal >= expected, bounded (NVSHMEM's own wait
-//                     is unbounded: it runs only after our poll saw the value, for the
-//                     transport's consistency step)
-//   release_sources   the puts this thread issued have completed: their sources may be
-//                     rewritten
+//   put_signal_add_warp  the bytes, then the peer's signal updated (data before signal:
+//                        the engine's put-with-signal orders them, on every transport)
+//   wait_signal          acquires a local signal >= expected, bounded (NVSHMEM's own wait
+//                        is unbounded: it runs only after our poll saw the value, for the
+//                        transport's consistency step)
+//   release_sources      the puts this thread issued have completed: their sources may be
+//                        rewritten
 #pragma once
 
 #include <cstdint>
