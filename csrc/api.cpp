@@ -160,6 +160,27 @@ hep_status_t check_desc(const hep_buffer_desc_t* d) {
   HEP_REQUIRE(d->num_sms >= 1, "num_sms must be >= 1, got %d", d->num_sms);
   HEP_REQUIRE(d->timeout_ns > 0, "timeout_ns must be positive");
   HEP_REQUIRE(d->low_latency == 0 || d->low_latency == 1, "low_latency must be 0 or 1, got %d", d->low_latency);
+  HEP_REQUIRE(d->ranks_per_node >= 0 && (d->ranks_per_node == 0 || d->world_size % d->ranks_per_node == 0),
+              "ranks_per_node %d must be 0 or divide world_size %d", d->ranks_per_node, d->world_size);
+  if (d->ranks_per_node > 0 && d->ranks_per_node < d->world_size) {
+    if (!HEP_NETWORK_LEG) {
+      hep::set_last_error("ranks_per_node %d below world_size %d: ranks on other nodes are reached only by the "
+                          "multi-node library (libhybrid_ep_infer_mn.so)", d->ranks_per_node, d->world_size);
+      return HEP_NOT_SUPPORTED;
+    }
+    HEP_REQUIRE(d->low_latency == 1, "ranks_per_node %d below world_size %d needs low_latency = 1 (the planned "
+                "dispatch does not cross nodes)", d->ranks_per_node, d->world_size);
+  }
+  return HEP_SUCCESS;
+}
+
+// Across nodes, the tuning must keep the low-latency dispatch and one-token combine
+// chunks (a put signals one token's partial; combine.cu).
+hep_status_t check_tuning_across_nodes(const hep::Sizes& s, const hep_tuning_t& t) {
+  if (!s.spans_nodes()) return HEP_SUCCESS;
+  HEP_REQUIRE(t.dispatch_path == HEP_DISPATCH_LOW_LATENCY && t.combine_chunk_tokens == 1,
+              "across nodes the tuning keeps dispatch_path = HEP_DISPATCH_LOW_LATENCY and combine_chunk_tokens = 1 "
+              "(got %d and %d)", t.dispatch_path, t.combine_chunk_tokens);
   return HEP_SUCCESS;
 }
 
@@ -221,6 +242,8 @@ hep_status_t hep_context_attach(hep_context_t* context, const hep_buffer_desc_t*
   context->offsets = hep::make_offsets(context->sizes);
   context->tuning = hep::default_tuning();
   if (desc->low_latency) context->tuning.dispatch_path = HEP_DISPATCH_LOW_LATENCY;
+  status = check_tuning_across_nodes(sizes, context->tuning);
+  if (status != HEP_SUCCESS) return status;
   context->attached = true;
   return HEP_SUCCESS;
 }
@@ -249,6 +272,8 @@ hep_status_t hep_context_set_tuning(hep_context_t* context, const hep_tuning_t* 
                   (tuning->dispatch_path == HEP_DISPATCH_LOW_LATENCY && context->desc.low_latency),
               "dispatch_path %d is not HEP_DISPATCH_PLANNED, or HEP_DISPATCH_LOW_LATENCY on a low_latency buffer",
               tuning->dispatch_path);
+  const hep_status_t status = check_tuning_across_nodes(context->sizes, *tuning);
+  if (status != HEP_SUCCESS) return status;
   context->tuning = *tuning;
   return HEP_SUCCESS;
 }

@@ -9,6 +9,10 @@
 
 #include "hybrid_ep_infer/hybrid_ep_infer.h"
 
+#ifndef HEP_NETWORK_LEG
+#define HEP_NETWORK_LEG 0
+#endif
+
 namespace hep {
 
 constexpr int kMaxRanks = 64;   // peers a kernel's parameter block can address
@@ -43,6 +47,15 @@ struct Sizes {
   int32_t slots;  // row slots: capacity (contiguous) or L * capacity (batched)
   int64_t row_bytes;  // H * payload_bytes, a multiple of 16
   int32_t ll_tokens;  // rows per source the low-latency dispatch stages: max_tokens, or 0 (no such path)
+  int32_t ranks_per_node;  // G: rank r is on node r / G (world: one node)
+
+  // Several nodes exist only in the multi-node library (HEP_NETWORK_LEG = 1, whose kernels
+  // reach other nodes through NVSHMEM: kernels/peer_write.cuh); in this one both are
+  // constant false and their branches compile away.
+  __host__ __device__ bool spans_nodes() const { return HEP_NETWORK_LEG && ranks_per_node < world; }
+  __host__ __device__ bool across_nodes(int r) const {
+    return spans_nodes() && r / ranks_per_node != rank / ranks_per_node;
+  }
 
   // A staged row: the payload, then its FP8 scales (16-byte aligned).
   __host__ __device__ int64_t stage_row_bytes() const { return row_bytes + (scale_cols * 4 + 15) / 16 * 16; }
@@ -75,6 +88,10 @@ struct WorkspaceOffsets {
   int64_t hidden, scales;
   // peer: combine partials [2 (combine parity)][W (destination)][T, H] bf16.
   int64_t combine_partials;
+  // Across nodes only (else empty): the partials this rank sends to sources on other
+  // nodes, summed here first (NVSHMEM puts from symmetric memory), [2 (combine
+  // parity)][W (source)][T, H] bf16.
+  int64_t net_partials;
   // local outputs.
   int64_t weights, row_expert, tokens_per_expert, offsets, combine_out;
   // local plan: where every row goes, recomputed by each dispatch.
@@ -108,6 +125,7 @@ inline Sizes make_sizes(const hep_buffer_desc_t& d) {
   s.slots = s.batched ? s.local_experts * d.capacity : d.capacity;
   s.row_bytes = (int64_t)d.hidden * d.payload_bytes;
   s.ll_tokens = d.low_latency ? d.max_tokens : 0;
+  s.ranks_per_node = d.ranks_per_node > 0 ? d.ranks_per_node : d.world_size;
   return s;
 }
 
@@ -130,6 +148,7 @@ inline WorkspaceOffsets make_offsets(const Sizes& s) {
   o.hidden = take(slots * s.row_bytes);
   o.scales = take(slots * s.scale_cols * 4);
   o.combine_partials = take(2 * W * T * s.hidden * 2);
+  o.net_partials = take(s.spans_nodes() ? 2 * W * T * s.hidden * 2 : 0);
   o.weights = take(slots * 4);
   o.row_expert = take(slots * 4);
   o.tokens_per_expert = take(4 * (int64_t)s.local_experts);

@@ -27,7 +27,7 @@ from .calls import CombineArgs, DispatchArgs
 from .errors import ERROR_BLOCK_WORDS, ErrorKind, ErrorSnapshot, HybridEPError
 
 LIBRARY_NAME = "libhybrid_ep_infer.so"
-API_VERSION = 5  # HEP_API_VERSION in the C header
+API_VERSION = 6  # HEP_API_VERSION in the C header
 
 HEP_SUCCESS = 0
 HEP_INDEX_INT32 = 0
@@ -64,6 +64,7 @@ class BufferDesc(ctypes.Structure):
         ("num_sms", ctypes.c_int32),
         ("timeout_ns", ctypes.c_uint64),
         ("low_latency", ctypes.c_int32),
+        ("ranks_per_node", ctypes.c_int32),
     ]
 
 
@@ -234,20 +235,22 @@ def load_library() -> NativeLibrary:
     return lib
 
 
-def workspace_layout(desc: BufferDesc) -> WorkspaceLayout:
-    lib = load_library()
+def workspace_layout(desc: BufferDesc, lib: NativeLibrary | None = None) -> WorkspaceLayout:
+    """The workspace of ``desc`` as ``lib`` (default: this library) lays it out."""
+    lib = lib if lib is not None else load_library()
     layout = WorkspaceLayout()
     lib.check(lib.hep_workspace_layout(ctypes.byref(desc), ctypes.byref(layout)), "sizing the workspace")
     return layout
 
 
 class NativeContext:
-    """One ``hep_context_t``: the device-side state of a buffer (error block, bound workspaces)."""
+    """One ``hep_context_t``: the device-side state of a buffer (error block, bound workspaces),
+    in ``lib`` (default: this library; the multi-node library has the same interface)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, lib: NativeLibrary | None = None):
         if device.type != "cuda":
             raise ValueError(f"a native context needs a CUDA device, got {device}")
-        self.lib = load_library()
+        self.lib = lib if lib is not None else load_library()
         self.device = device
         config = ContextConfig(ctypes.sizeof(ContextConfig), API_VERSION, device.index)
         handle = ctypes.c_void_p()

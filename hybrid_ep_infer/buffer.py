@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from . import _native
-from .backends import Backend, CudaBackend, ReferenceBackend
+from .backends import Backend, CudaBackend, MultinodeBackend, ReferenceBackend
 from .calls import DispatchOutputs
 from .config import BufferConfig
 from .errors import PHASE_NAMES, BufferClosedError, PeerTimeoutError, raise_for_errors
@@ -168,10 +168,14 @@ class EPBuffer:
         debug: run :meth:`check_errors` after every eager call (not while capturing).
         ranks_per_node: G, the ranks of one NVLink domain (a node): ranks ``[i*G,
             (i+1)*G)`` form node i, the order torchrun gives. ``None`` or the group size:
-            one domain (the only setting the CUDA backend runs today). Fewer needs the
-            multi-node backend (``docs/MULTINODE.md``), not built yet: ``backend="cuda"``
-            (and ``"auto"`` where CUDA is available) raises ``RuntimeError`` with
-            :func:`hybrid_ep_infer.multinode.multinode_unavailable_reason`; the reference
+            one domain. Fewer, on the CUDA backend: the multi-node library's kernels
+            write ranks on other nodes through NVSHMEM (``docs/MULTINODE.md``, a
+            prototype: low-latency dispatch only, not tuned; the NVSHMEM runtime starts
+            over ``group`` at the first such buffer, and construction and :meth:`close`
+            are collectives of the group). Where that library is missing,
+            ``backend="cuda"`` (and ``"auto"`` where CUDA is available) raises
+            ``RuntimeError`` with
+            :func:`hybrid_ep_infer.multinode.multinode_unavailable_reason`. The reference
             backend accepts it (results do not depend on it). Every rank passes the same.
     """
 
@@ -222,13 +226,19 @@ class EPBuffer:
             reason = cuda_backend_unavailable_reason()
             if reason is not None:
                 raise RuntimeError(f"backend='cuda' is not available: {reason}. Use backend='reference'.")
-            if self.ranks_per_node < self.config.world_size:
+            across_nodes_reason = multinode_unavailable_reason()
+            if self.ranks_per_node < self.config.world_size and across_nodes_reason is not None:
                 raise RuntimeError(f"ranks_per_node={self.ranks_per_node} (fewer than the group's "
                                    f"{self.config.world_size} ranks) needs the multi-node backend: "
-                                   f"{multinode_unavailable_reason()}. Use backend='reference'.")
+                                   f"{across_nodes_reason}. Use backend='reference'.")
         self.device = _resolve_device(device, backend, group)
         self._backend: Backend
-        if backend == "cuda":
+        if backend == "cuda" and self.ranks_per_node < self.config.world_size:
+            self._backend = MultinodeBackend(self.config, group, self.device, num_sms, self.timeout_s,
+                                             self.ranks_per_node,
+                                             low_latency=low_latency if low_latency is None else bool(low_latency))
+            self.num_sms = self._backend.desc.num_sms
+        elif backend == "cuda":
             self._backend = CudaBackend(self.config, group, self.device, num_sms, self.timeout_s, tune=bool(tune),
                                         low_latency=low_latency if low_latency is None else bool(low_latency))
             self.num_sms = self._backend.desc.num_sms  # as fitted to the ranks that share this GPU

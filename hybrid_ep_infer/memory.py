@@ -24,10 +24,11 @@ def output_bytes(config: BufferConfig) -> int:
             + T * H * 2)  # combine output (bf16)
 
 
-def cuda_exchange_bytes(config: BufferConfig, low_latency: bool = False) -> int:
+def cuda_exchange_bytes(config: BufferConfig, low_latency: bool = False, across_nodes: bool = False) -> int:
     """What the CUDA backend's workspace holds besides the outputs, without the rounding of
     each region up to 128 bytes and a few counters (under 24 bytes per rank).
-    ``low_latency``: with the low-latency dispatch's staging slots."""
+    ``low_latency``: with the low-latency dispatch's staging slots. ``across_nodes``
+    (ranks_per_node below the group size): with the partials summed for other nodes."""
     c = config
     W, H, T, E, K = c.world_size, c.hidden, c.max_tokens, c.num_experts, c.top_k
     staged_row = H * c.itemsize + -(-c.num_scale_blocks * 4 // 16) * 16  # payload, FP8 scales 16-byte aligned
@@ -38,4 +39,5 @@ def cuda_exchange_bytes(config: BufferConfig, low_latency: bool = False) -> int:
             + 8 * W * T * K + 8 * W * T  # the dispatch plan (row of each (source, token, slot), first rows)
             + 16 * W * T  # arrival flags per chunk of tokens (dispatch payload, combine partials)
             + 4 * W * E  # per-source expert histogram
-            + (staging if low_latency else 0))
+            + (staging if low_latency else 0)
+            + (2 * W * T * H * 2 if across_nodes else 0))  # partials for other nodes (two halves)

@@ -1,6 +1,6 @@
-"""The multi-node engine (docs/MULTINODE.md), first step: NVSHMEM's runtime under this
-library and the network leg's exchange step on it. The hierarchical dispatch and combine
-build on these; they are not here yet.
+"""The multi-node engine (docs/MULTINODE.md): NVSHMEM's runtime under this library, the
+symmetric workspaces of buffers whose ranks span nodes (``EPBuffer(ranks_per_node=G)``,
+run by ``backends/multinode.py``), and the network leg's exchange step.
 
 ``libhybrid_ep_infer_mn.so`` is a second compiled library, built only where NVSHMEM is
 found (the README's "Multi-node engine": NVSHMEM from the ``nvidia-nvshmem-cu13`` wheel,
@@ -8,7 +8,8 @@ found (the README's "Multi-node engine": NVSHMEM from the ``nvidia-nvshmem-cu13`
 imports and :func:`library_status` says why nothing loads.
 
 One NVSHMEM runtime per process, over one group: :func:`init` and :func:`shutdown` are
-collectives of that group, and so are :class:`Exchange`'s construction and ``close()``.
+collectives of that group, and so are the construction and ``close()`` of an
+:class:`Exchange` or a :class:`SymmetricWorkspace` (so of a buffer across nodes).
 On one GPU shared by several ranks (CUDA MPS), NVSHMEM runs several PEs per GPU when
 ``NVSHMEM_IGNORE_CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=1`` (set here unless the caller set it).
 
@@ -38,7 +39,7 @@ from .errors import ERROR_BLOCK_WORDS, ErrorKind, ErrorSnapshot, PeerTimeoutErro
 from .peer_memory import _RawDeviceBytes
 
 MN_LIBRARY_NAME = "libhybrid_ep_infer_mn.so"
-MN_API_VERSION = 1  # HEP_MN_API_VERSION in csrc/include/hybrid_ep_infer/hybrid_ep_infer_mn.h
+MN_API_VERSION = 2  # HEP_MN_API_VERSION in csrc/include/hybrid_ep_infer/hybrid_ep_infer_mn.h
 UNIQUE_ID_BYTES = 128
 MAX_PEERS = 64
 PHASE_NAMES = {8: "multi-node exchange (network leg)"}
@@ -46,7 +47,7 @@ PHASE_NAMES = {8: "multi-node exchange (network leg)"}
 _runtime = {"rank": -1, "world": 0}  # this process's PE and the runtime's size, set by init()
 
 
-class MultinodeError(RuntimeError):
+class MultinodeError(_native.NativeError):
     """The multi-node library is missing, or one of its calls failed."""
 
 
@@ -68,6 +69,9 @@ _SIGNATURES = {
     "hep_mn_exchange_run": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_uint64]),
     "hep_mn_exchange_error_block": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]),
     "hep_mn_exchange_destroy": (ctypes.c_int, [ctypes.c_void_p]),
+    "hep_mn_workspace_alloc": (ctypes.c_int, [ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p)]),
+    "hep_mn_workspace_peer": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p)]),
+    "hep_mn_workspace_free": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int]),
 }
 
 
@@ -91,7 +95,10 @@ def _candidate_paths() -> list[Path]:
     return paths
 
 
-class _Library:
+class _Library(_native.NativeLibrary):
+    """The multi-node library: the main library's C interface, built with the network leg,
+    and the engine's own calls (``hep_mn_*``)."""
+
     def __init__(self, path: Path):
         nvshmem = nvshmem_lib_dir()
         host = sorted(nvshmem.glob("libnvshmem_host.so*")) if nvshmem and nvshmem.is_dir() else []
@@ -99,10 +106,10 @@ class _Library:
             raise OSError(f"NVSHMEM's host library was not found (looked in {nvshmem}); "
                           "pip install nvidia-nvshmem-cu13 or set NVSHMEM_HOME")
         ctypes.CDLL(str(host[0]), mode=ctypes.RTLD_GLOBAL)  # ours links to it by name
-        self._lib = _native.bind_functions(self, path, _SIGNATURES)
+        super().__init__(path)
+        _native.bind_functions(self, path, _SIGNATURES)
         if self.hep_mn_api_version() != MN_API_VERSION:
             raise OSError(f"{path} has API version {self.hep_mn_api_version()}; this package needs {MN_API_VERSION}")
-        self.path = path
 
     def check(self, status: int, what: str) -> None:
         if status != 0:
@@ -126,15 +133,11 @@ def library_status() -> tuple[bool, str]:
     return lib is not None, reason
 
 
-def multinode_unavailable_reason() -> str:
+def multinode_unavailable_reason() -> str | None:
     """Why ``EPBuffer(ranks_per_node=G)`` with G below the group size cannot run on the
-    CUDA backend here: the library is missing, or (today, always) the hierarchical
-    dispatch and combine are not built yet."""
+    CUDA backend here (the multi-node library is missing or does not load), or None."""
     loaded, reason = library_status()
-    if not loaded:
-        return reason
-    return ("the hierarchical dispatch and combine are not built yet (docs/MULTINODE.md, section 9: "
-            "this library has only the network leg's exchange step)")
+    return None if loaded else reason
 
 
 def _lib() -> _Library:
@@ -142,6 +145,22 @@ def _lib() -> _Library:
     if lib is None:
         raise MultinodeError(reason)
     return lib
+
+
+def library() -> _Library:
+    """The loaded multi-node library (MultinodeError where it is missing)."""
+    return _lib()
+
+
+def initialized() -> bool:
+    """Whether this process's runtime is started (:func:`init`)."""
+    lib, _ = _load()
+    return lib is not None and bool(lib.hep_mn_initialized())
+
+
+def runtime_rank_and_size() -> tuple[int, int]:
+    """This process's PE and the runtime's number of PEs (after :func:`init`)."""
+    return _runtime["rank"], _runtime["world"]
 
 
 def init(group: dist.ProcessGroup | None = None, device: torch.device | int | None = None) -> None:
@@ -173,6 +192,49 @@ def shutdown() -> None:
     lib = _lib()
     if lib.hep_mn_initialized():
         lib.check(lib.hep_mn_finalize(), "ending NVSHMEM")
+
+
+class SymmetricWorkspace:
+    """A buffer's workspace in NVSHMEM's symmetric heap (the same size on every rank, zeroed),
+    with ``pointers`` as the compiled library's attach takes them: a rank of this node's
+    workspace mapped here, this rank's own for a rank on another node (the kernels reach
+    that one by NVSHMEM puts to the same address). Construction and ``close`` are
+    collectives of the runtime's group; ``close`` frees locally only where
+    ``peer_timed_out()`` says a wait timed out (a peer may be gone)."""
+
+    def __init__(self, device: torch.device, nbytes: int, rank: int, world_size: int, ranks_per_node: int,
+                 peer_timed_out):
+        lib = _lib()
+        self._lib, self.device, self.nbytes, self._peer_timed_out = lib, device, nbytes, peer_timed_out
+        local = ctypes.c_void_p()
+        lib.check(lib.hep_mn_workspace_alloc(nbytes, ctypes.byref(local)), "allocating the symmetric workspace")
+        self._local = local.value
+        self.pointers = []
+        try:
+            for r in range(world_size):
+                if r // ranks_per_node != rank // ranks_per_node:
+                    self.pointers.append(self._local)
+                    continue
+                peer = ctypes.c_void_p()
+                lib.check(lib.hep_mn_workspace_peer(local, r, ctypes.byref(peer)), f"mapping rank {r}'s workspace")
+                if not peer.value:
+                    raise MultinodeError(f"rank {r} is on this rank's node (ranks_per_node={ranks_per_node}) but "
+                                         "NVSHMEM cannot map its memory here (no load/store path between the GPUs)")
+                self.pointers.append(peer.value)
+        except BaseException:
+            self.close()
+            raise
+
+    def tensor(self, offset: int, nbytes: int) -> torch.Tensor:
+        """A uint8 tensor viewing ``[offset, offset + nbytes)`` of the local workspace (no copy)."""
+        return torch.as_tensor(_RawDeviceBytes(self._local + offset, nbytes), device=self.device)
+
+    def close(self) -> None:
+        """Frees the workspace (see the class). Idempotent."""
+        if self._local is not None:
+            local, self._local = self._local, None
+            self._lib.check(self._lib.hep_mn_workspace_free(ctypes.c_void_p(local), int(bool(self._peer_timed_out()))),
+                            "freeing the symmetric workspace")
 
 
 class Exchange:

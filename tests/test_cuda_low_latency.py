@@ -47,7 +47,7 @@ def run_combine(buf, y, handle, split: bool, weighted: bool = True) -> torch.Ten
     return buf.combine(y, handle, out=out, weighted=weighted)
 
 
-def check_paths(rank: int, case: Case, num_tokens: str = "int", **buffer_kw) -> None:
+def check_paths(rank: int, case: Case, num_tokens: str = "int", paths=PATHS, **buffer_kw) -> None:
     device = rank_device(rank)
     inp = to_device(make_inputs(case)[rank], device)
     with make_buffer(case, "cuda", low_latency=True, **buffer_kw) as cud, \
@@ -57,7 +57,7 @@ def check_paths(rank: int, case: Case, num_tokens: str = "int", **buffer_kw) -> 
         # (clones: without out, combine returns a view of buffer memory the next call overwrites)
         want_out = {w: ref.combine(y, want.handle, weighted=w).clone() for w in (True, False)}
         torch.cuda.synchronize()
-        for path in PATHS:
+        for path in paths:
             for attempt in range(2):  # the second call checks that a call leaves nothing stale behind
                 what = f"dispatch on path {path}, rank {rank}, call {attempt}, {case}"
                 poison(cud)
@@ -70,7 +70,7 @@ def check_paths(rank: int, case: Case, num_tokens: str = "int", **buffer_kw) -> 
                     assert bits_equal(out, want_out[weighted]), f"combine (weighted={weighted}) after {what}"
                 # the reference made one dispatch and two combines: repeat its counts per call
                 got_errors = cud._backend.take_errors()
-                if attempt == 0 and path == "planned":
+                if attempt == 0 and path == paths[0]:
                     ref_errors = ref._backend.take_errors()
                 assert got_errors.counts == ref_errors.counts, f"error counts after {what}: {got_errors.counts} " \
                                                                f"!= reference {ref_errors.counts}"
@@ -102,7 +102,7 @@ def check_mixed_paths(rank: int, world_size: int, steps: int) -> None:
             assert_same_errors(cud, ref, what)
 
 
-def run_split_graph(rank: int, world_size: int, replays: int) -> None:
+def run_split_graph(rank: int, world_size: int, replays: int, **buffer_kw) -> None:
     """Send, other work, receive (dispatch and combine) captured in one CUDA graph;
     replays with fresh inputs and n equal the reference bit for bit."""
     device = rank_device(rank)
@@ -134,7 +134,8 @@ def run_split_graph(rank: int, world_size: int, replays: int) -> None:
         torch.mm(a, a, out=other)
         buf.combine_recv(pending)
 
-    with make_buffer(case, "cuda", low_latency=True) as cud, make_buffer(case, "reference", device=device) as ref:
+    with make_buffer(case, "cuda", low_latency=True, **buffer_kw) as cud, \
+            make_buffer(case, "reference", device=device) as ref:
         load(0, "random")
         layer(cud)
         torch.cuda.synchronize()

@@ -1,12 +1,13 @@
-"""EPBuffer's ranks_per_node (docs/MULTINODE.md): reported, and, until the hierarchical
-backend exists, refused by the CUDA backend below the group size with the reason; the
-reference backend's results do not depend on it. Bad values: test_validation.py."""
+"""EPBuffer's ranks_per_node (docs/MULTINODE.md): reported; below the group size, refused
+by the CUDA backend with the reason where the multi-node library is missing; the
+reference backend's results do not depend on it. Bad values: test_validation.py. The
+multi-node backend itself: test_multinode_backend.py (GPU)."""
 
 import pytest
 
 from hybrid_ep_infer import EPBuffer
 from hybrid_ep_infer import buffer as buffer_module
-from hybrid_ep_infer.multinode import multinode_unavailable_reason
+from hybrid_ep_infer.multinode import library_status, multinode_unavailable_reason
 
 from dist_utils import spawn
 from moe_cases import Case, bits_equal, check_dispatch, experts_on_dispatch_output, make_inputs, oracle_combine
@@ -20,9 +21,12 @@ def test_one_rank_group_is_one_node(one_rank_group):
 
 
 def test_the_reason_says_what_is_missing():
+    loaded, status = library_status()
     reason = multinode_unavailable_reason()
-    # Without the library: how to build it; with it: that the hierarchical kernels are missing.
-    assert "libhybrid_ep_infer_mn.so" in reason or "hierarchical dispatch and combine are not built" in reason
+    if loaded:
+        assert reason is None
+    else:  # what was looked for and how to build it, or why it did not load
+        assert reason == status and ("NVSHMEM" in reason or "multi-node library" in reason), reason
 
 
 def nodes_worker(rank: int, world_size: int) -> None:
@@ -40,11 +44,14 @@ def nodes_worker(rank: int, world_size: int) -> None:
             out = buf.combine(experts_on_dispatch_output(result, rank, case.num_local_experts), result.handle)
             assert bits_equal(out, oracle_combine(case, inputs, rank, True)), f"ranks_per_node={ranks_per_node}"
 
-    # The CUDA backend below the group size: refused with the reason, before anything is built
-    # (the check that CUDA is usable is bypassed, so this runs on any machine).
+    # The CUDA backend below the group size without the multi-node library: refused with the
+    # reason, before anything is built (the checks of CUDA and of the library are stood in
+    # for, so this runs on any machine).
     buffer_module.cuda_backend_unavailable_reason = lambda: None
+    buffer_module.multinode_unavailable_reason = lambda: "libhybrid_ep_infer_mn.so not found (test)"
     with pytest.raises(RuntimeError, match="ranks_per_node=2 \\(fewer than the group's 4 ranks\\) needs the "
-                                           "multi-node backend: .*backend='reference'"):
+                                           "multi-node backend: libhybrid_ep_infer_mn.so not found \\(test\\)\\. "
+                                           "Use backend='reference'"):
         EPBuffer(hidden=H, max_tokens=T, num_experts=4 * world_size, top_k=K, backend="cuda", ranks_per_node=2)
 
 

@@ -80,3 +80,30 @@ def test_workspace_layout_matches_the_memory_formula():
     desc.top_k, desc.num_experts = K, 2 * 8192  # the planning kernels' shared-memory tables
     with pytest.raises(_native.NativeError, match="num_experts 16384 above 8192"):
         _native.workspace_layout(desc)
+    desc.num_experts, desc.ranks_per_node = E, 3
+    with pytest.raises(_native.NativeError, match="ranks_per_node 3 must be 0 or divide world_size 4"):
+        _native.workspace_layout(desc)
+    desc.ranks_per_node = 2  # other nodes are reached only by the multi-node library
+    with pytest.raises(_native.NativeError, match="multi-node library"):
+        _native.workspace_layout(desc)
+
+
+def test_multinode_workspace_matches_the_memory_formula():
+    """The multi-node library's workspace across nodes: the same formula with the partials
+    summed for other nodes; the planned dispatch is refused there."""
+    library_or_skip()
+    from hybrid_ep_infer import multinode
+    loaded, reason = multinode.library_status()
+    if not loaded:
+        pytest.skip(reason)
+    W, H, T, E, K = 8, 2048, 256, 64, 8
+    config = BufferConfig.create(rank=5, world_size=W, hidden=H, max_tokens=T, num_experts=E, top_k=K,
+                                 dtype=torch.bfloat16, layout="batched", pad_multiple=1, capacity=None)
+    desc = _native.BufferDesc(ctypes.sizeof(_native.BufferDesc), _native.API_VERSION, config.rank, W, H, T, E, K,
+                              config.itemsize, 0, 1, 1, config.capacity, 24, 10**9, 1, 4)
+    layout = _native.workspace_layout(desc, multinode.library())
+    formula = memory.output_bytes(config) + memory.cuda_exchange_bytes(config, low_latency=True, across_nodes=True)
+    assert formula <= layout.total_bytes <= formula + 27 * 128 + 2 * W * 8 + 4 * W
+    desc.low_latency = 0
+    with pytest.raises(multinode.MultinodeError, match="needs low_latency = 1"):
+        _native.workspace_layout(desc, multinode.library())

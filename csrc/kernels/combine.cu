@@ -6,6 +6,7 @@
 #include "common/wait.cuh"
 #include "kernels/combine.cuh"
 #include "kernels/dispatch.cuh"
+#include "kernels/peer_write.cuh"
 
 namespace hep {
 namespace {
@@ -102,9 +103,19 @@ __device__ __forceinline__ uint64_t current_combine(const CombineParams& p) {
   return *at<const uint64_t>(p.local, p.off.combine_epoch) + 1;
 }
 
+// The partial this rank sends to `source` (on another node) for its token t, summed
+// here before the put: [parity][source][t], in the local workspace.
+__device__ __forceinline__ __nv_bfloat16* net_partial(void* workspace, const Sizes& s, const WorkspaceOffsets& o,
+                                                      int parity, int source, int token) {
+  const int64_t row = ((int64_t)parity * s.world + source) * s.max_tokens + token;
+  return at<__nv_bfloat16>(workspace, o.net_partials) + row * s.hidden;
+}
+
 // Reduce role. Items (chunk c, source) in chunk-major order, sources rotated from
 // rank + 1: per received token of the chunk, the bf16 partial written into the source's
 // partials; then one release of the chunk's flag there if any token of it had rows here.
+// A source on another node gets each partial summed here, then put with the chunk's
+// flag as the signal (chunks of one token there: hep_context_attach).
 __device__ void reduce_tokens(const CombineParams& p, uint64_t combine, int warp, int warps, int lane) {
   const Sizes& s = p.sizes;
   const int W = s.world, K = s.top_k, T = s.max_tokens, C = p.chunk_tokens;
@@ -140,10 +151,19 @@ __device__ void reduce_tokens(const CombineParams& p, uint64_t combine, int warp
         row_weights[j] = weights[row];
       }
       __syncwarp();
+      if (s.across_nodes(source)) {
+        __nv_bfloat16* sum = net_partial(p.local, s, p.off, parity, source, t);
+        sum_rows<true>(reinterpret_cast<int4*>(sum), rows, row_weights, __popc(valid), p.weighted, vectors, lane);
+        __syncwarp();
+        put_then_set_flag(partials(p.peers[source], s, p.off, parity, s.rank, t), sum, 2 * (int64_t)s.hidden,
+                          at<uint64_t>(p.peers[source], p.off.combine_flags) + (int64_t)s.rank * T + c, combine,
+                          source);
+        continue;
+      }
       int4* dst = reinterpret_cast<int4*>(partials(p.peers[source], s, p.off, parity, s.rank, t));
       sum_rows<true>(dst, rows, row_weights, __popc(valid), p.weighted, vectors, lane);
     }
-    if (wrote) {  // the same in every lane
+    if (wrote && !s.across_nodes(source)) {  // the same in every lane
       warp_release_flag(lane == 0, at<uint64_t>(p.peers[source], p.off.combine_flags) + (int64_t)s.rank * T + c,
                         combine);
     }
@@ -286,7 +306,12 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const __grid_constant
   }
   if (last_block && threadIdx.x < W && !timed_out_before(wait_context(p))) {
     ptx::fence_acq_rel_sys();
-    ptx::st_release_sys(at<uint64_t>(p.peers[threadIdx.x], p.off.combine_done) + s.rank, combine);
+    uint64_t* done = at<uint64_t>(p.peers[threadIdx.x], p.off.combine_done) + s.rank;
+    if (s.across_nodes(threadIdx.x)) {
+      set_remote_flag(done, combine, threadIdx.x);
+    } else {
+      ptx::st_release_sys(done, combine);
+    }
   }
 }
 

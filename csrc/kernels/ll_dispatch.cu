@@ -21,11 +21,17 @@ template <typename IndexT>
 __device__ void send_half(const DispatchParams& p, uint64_t call, int parity) {
   const int n = ll::tokens_to_send(p, blockIdx.x == 0 && threadIdx.x == 0);
   if (blockIdx.x == 0) ll::publish_routing<IndexT>(p, parity, n);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (gridDim.x == 1) {
-    ll::stage_rows<IndexT>(p, call, parity, n, warp, kWarps, lane);
-  } else if (blockIdx.x > 0) {
-    ll::stage_rows<IndexT>(p, call, parity, n, (blockIdx.x - 1) * kWarps + warp, (gridDim.x - 1) * kWarps, lane);
+  const int lane = threadIdx.x % 32;
+  int warp = threadIdx.x / 32, warps = kWarps;
+  if (gridDim.x > 1) {
+    if (blockIdx.x == 0) return;
+    warp += (blockIdx.x - 1) * kWarps;
+    warps = (gridDim.x - 1) * kWarps;
+  }
+  if (p.sizes.spans_nodes()) {
+    ll::stage_rows_across_nodes<IndexT>(p, call, parity, n, warp, warps, lane);
+  } else {
+    ll::stage_rows<IndexT>(p, call, parity, n, warp, warps, lane);
   }
 }
 

@@ -19,7 +19,7 @@ namespace {
 struct Runtime {
   bool initialized = false;
   int rank = -1, world = 0, device = -1;
-  int exchanges = 0;  // alive; finalize refuses while any is
+  int allocations = 0;  // exchanges and workspaces alive; finalize refuses while any is
   bool broken = false;  // a wait timed out: no NVSHMEM collective may run again (a peer is gone)
 };
 Runtime runtime;
@@ -118,13 +118,68 @@ int hep_mn_initialized(void) { return runtime.initialized ? 1 : 0; }
 hep_status_t hep_mn_finalize(void) {
   hep::clear_last_error();
   HEP_REQUIRE(runtime.initialized, "hep_mn_finalize: the runtime is not started");
-  HEP_REQUIRE(runtime.exchanges == 0, "hep_mn_finalize: %d exchange(s) not destroyed", runtime.exchanges);
+  HEP_REQUIRE(runtime.allocations == 0, "hep_mn_finalize: %d exchange(s) or workspace(s) not freed",
+              runtime.allocations);
   HEP_REQUIRE(!runtime.broken, "hep_mn_finalize: a wait timed out, so a peer may be gone and NVSHMEM's collective "
               "finalize could hang; the runtime ends with the process");
   hep::DeviceGuard guard(runtime.device);
   HEP_CUDA_CALL(guard.status());
   nvshmem_finalize();
   runtime = Runtime{};
+  return HEP_SUCCESS;
+}
+
+hep_status_t hep_mn_workspace_alloc(size_t bytes, void** out) {
+  hep::clear_last_error();
+  HEP_REQUIRE(out != nullptr, "hep_mn_workspace_alloc: NULL out");
+  *out = nullptr;
+  HEP_REQUIRE(runtime.initialized, "hep_mn_workspace_alloc: call hep_mn_init first");
+  HEP_REQUIRE(!runtime.broken, "hep_mn_workspace_alloc: a wait of this process timed out; restart the process");
+  HEP_REQUIRE(bytes > 0, "hep_mn_workspace_alloc: 0 bytes");
+  hep::DeviceGuard guard(runtime.device);
+  HEP_CUDA_CALL(guard.status());
+  // Collective: every rank, the same size, the same order. (Attach needs 128-byte alignment.)
+  void* workspace = nvshmem_align(256, bytes);
+  if (workspace == nullptr) {
+    hep::set_last_error("hep_mn_workspace_alloc: nvshmem_align of %zu bytes failed (NVSHMEM_SYMMETRIC_SIZE sets "
+                        "the heap)", bytes);
+    return HEP_CUDA_ERROR;
+  }
+  cudaError_t err = cudaMemset(workspace, 0, bytes);
+  if (err == cudaSuccess) err = cudaDeviceSynchronize();
+  if (err != cudaSuccess) {
+    hep::set_last_error("hep_mn_workspace_alloc: zeroing: %s", cudaGetErrorString(err));
+    nvshmem_free(workspace);
+    return HEP_CUDA_ERROR;
+  }
+  nvshmem_barrier_all();  // zero on every rank before anyone writes into it
+  ++runtime.allocations;
+  *out = workspace;
+  return HEP_SUCCESS;
+}
+
+hep_status_t hep_mn_workspace_peer(void* workspace, int pe, void** out) {
+  hep::clear_last_error();
+  HEP_REQUIRE(workspace != nullptr && out != nullptr, "hep_mn_workspace_peer: NULL argument");
+  HEP_REQUIRE(runtime.initialized, "hep_mn_workspace_peer: call hep_mn_init first");
+  HEP_REQUIRE(pe >= 0 && pe < runtime.world, "hep_mn_workspace_peer: pe %d outside [0, %d)", pe, runtime.world);
+  *out = nvshmem_ptr(workspace, pe);
+  return HEP_SUCCESS;
+}
+
+hep_status_t hep_mn_workspace_free(void* workspace, int peer_timed_out) {
+  hep::clear_last_error();
+  if (workspace == nullptr) return HEP_SUCCESS;
+  HEP_REQUIRE(runtime.initialized, "hep_mn_workspace_free: the runtime is not started");
+  hep::DeviceGuard guard(runtime.device);
+  HEP_CUDA_CALL(guard.status());
+  HEP_CUDA_CALL(cudaDeviceSynchronize());
+  if (peer_timed_out) runtime.broken = true;
+  if (!runtime.broken) {
+    nvshmem_barrier_all();  // no peer still writes into it
+    nvshmem_free(workspace);
+  }
+  --runtime.allocations;
   return HEP_SUCCESS;
 }
 
@@ -164,7 +219,7 @@ hep_status_t hep_mn_exchange_create(const hep_mn_exchange_desc_t* desc, hep_mn_e
     return HEP_CUDA_ERROR;
   }
   nvshmem_barrier_all();  // every rank's signals are zero before anyone puts
-  ++runtime.exchanges;
+  ++runtime.allocations;
   *out = x;
   return HEP_SUCCESS;
 }
@@ -215,7 +270,7 @@ hep_status_t hep_mn_exchange_destroy(hep_mn_exchange_t* x) {
   if (x->errors_host->counts[HEP_ERROR_TIMEOUT] != 0) runtime.broken = true;
   if (!runtime.broken) nvshmem_barrier_all();  // no peer still puts into this exchange
   free_exchange(x, !runtime.broken);
-  --runtime.exchanges;
+  --runtime.allocations;
   return HEP_SUCCESS;
 }
 

@@ -41,7 +41,7 @@ def low_latency_by_default(config: BufferConfig) -> bool:
 # What every rank of a buffer must agree on: the workspace layout follows from these (a rank
 # that differs would write into its peers at wrong offsets), and tuning is a collective.
 _SHARED_FIELDS = ("world_size", "hidden", "max_tokens", "num_experts", "top_k", "payload_bytes", "has_scales",
-                  "layout", "pad_multiple", "capacity", "low_latency")
+                  "layout", "pad_multiple", "capacity", "low_latency", "ranks_per_node")
 
 
 def _check_same_on_every_rank(desc: _native.BufferDesc, tune: bool, group) -> None:
@@ -58,7 +58,7 @@ class CudaBackend(Backend):
     name = "cuda"
 
     def __init__(self, config: BufferConfig, group, device: torch.device, num_sms: int | None, timeout_s: float,
-                 tune: bool = True, low_latency: bool | None = None):
+                 tune: bool = True, low_latency: bool | None = None, ranks_per_node: int = 0):
         if device.type != "cuda":
             raise ValueError(f"the CUDA backend needs a CUDA device, got {device}")
         if low_latency is None:
@@ -77,20 +77,31 @@ class CudaBackend(Backend):
             world_size=c.world_size, hidden=c.hidden, max_tokens=c.max_tokens, num_experts=c.num_experts,
             top_k=c.top_k, payload_bytes=c.itemsize, has_scales=int(c.is_fp8),
             layout=0 if c.layout == CONTIGUOUS else 1, pad_multiple=c.pad_multiple, capacity=c.capacity,
-            num_sms=num_sms, timeout_ns=int(timeout_s * 1e9), low_latency=int(low_latency))
+            num_sms=num_sms, timeout_ns=int(timeout_s * 1e9), low_latency=int(low_latency),
+            ranks_per_node=ranks_per_node)
         _check_same_on_every_rank(self.desc, tune, group)
-        self.layout = _native.workspace_layout(self.desc)
+        lib = self._native_library()
+        self.layout = _native.workspace_layout(self.desc, lib)
         self.output_copies = 0  # dispatches that had to copy into a compiler's functional outputs
-        self.context = _native.NativeContext(device)
+        self.context = _native.NativeContext(device, lib)
         self.workspace = None
         try:
-            self.workspace = PeerWorkspace(device, self.layout.total_bytes, group, c.rank, c.world_size)
+            self.workspace = self._allocate_workspace(group)
             self.context.attach(self.desc, self.workspace.pointers)
             self._make_views()
             self.tuning = tuning.tune(self, group, self.desc.num_sms) if tune else self.context.get_tuning()
         except BaseException:
             self.close()
             raise
+
+    def _native_library(self) -> _native.NativeLibrary:
+        """The compiled library whose kernels this backend runs."""
+        return _native.load_library()
+
+    def _allocate_workspace(self, group) -> PeerWorkspace:
+        """Every rank's workspace as mapped here (``pointers``, ``tensor()``, ``close()``)."""
+        c = self.config
+        return PeerWorkspace(self.device, self.layout.total_bytes, group, c.rank, c.world_size)
 
     def _make_views(self) -> None:
         c = self.config

@@ -29,7 +29,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a struct or signature below changes; Python checks it at load. */
-#define HEP_API_VERSION 5
+#define HEP_API_VERSION 6
 
 typedef enum hep_status {
   HEP_SUCCESS = 0,
@@ -80,6 +80,12 @@ typedef struct hep_buffer_desc {
   /* 1: the buffer also has the low-latency dispatch (hep_dispatch_path_t) and the
    * split halves; costs 2 * W * max_tokens staged rows per rank. 0: neither. */
   int32_t low_latency;
+  /* G: ranks [i*G, (i+1)*G) form node i (an NVLink domain); 0 or world_size: one node.
+   * Below world_size only the multi-node library (libhybrid_ep_infer_mn.so) takes it,
+   * with low_latency = 1: ranks of other nodes are written through NVSHMEM (the
+   * workspaces are then symmetric allocations, hep_mn_workspace_alloc); this library
+   * answers HEP_NOT_SUPPORTED. */
+  int32_t ranks_per_node;
 } hep_buffer_desc_t;
 
 /* Byte offsets of each region inside one rank's workspace (same on every rank).
@@ -174,7 +180,9 @@ HEP_API hep_status_t hep_workspace_layout(const hep_buffer_desc_t* desc, hep_wor
 /* Binds a buffer to the context: `workspaces[r]` is rank r's workspace as mapped in
  * this process (workspaces[desc->rank] is the local one), each of
  * hep_workspace_layout().total_bytes, zeroed before any rank's first call. The
- * context keeps the pointers; the caller keeps the memory alive until destroy. */
+ * context keeps the pointers; the caller keeps the memory alive until destroy.
+ * Across nodes (ranks_per_node below world_size), a rank r on another node is given
+ * this rank's own symmetric workspace (the address NVSHMEM translates for PE r). */
 HEP_API hep_status_t hep_context_attach(hep_context_t* context, const hep_buffer_desc_t* desc,
                                         void* const* workspaces);
 

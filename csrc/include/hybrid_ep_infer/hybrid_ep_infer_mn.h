@@ -7,6 +7,11 @@
  * One NVSHMEM runtime per process (NVSHMEM's rule), over one group of ranks: PE = rank.
  * hep_mn_init, hep_mn_finalize and every create/destroy below are collectives of that
  * group; hep_mn_exchange_run is a collective of the ranks it names as peers.
+ *
+ * This library also carries the whole C interface of hybrid_ep_infer.h, built so that
+ * a buffer with ranks_per_node below its world size writes ranks on other nodes through
+ * NVSHMEM (hep_buffer_desc_t::ranks_per_node); its workspaces come from
+ * hep_mn_workspace_alloc.
  */
 #ifndef HYBRID_EP_INFER_MN_H_
 #define HYBRID_EP_INFER_MN_H_
@@ -21,7 +26,7 @@
 extern "C" {
 #endif
 
-#define HEP_MN_API_VERSION 1
+#define HEP_MN_API_VERSION 2
 #define HEP_MN_UNIQUE_ID_BYTES 128 /* sizeof(nvshmemx_uniqueid_t) */
 #define HEP_MN_MAX_PEERS 64
 
@@ -40,8 +45,19 @@ HEP_API hep_status_t hep_mn_unique_id(uint8_t out[HEP_MN_UNIQUE_ID_BYTES]);
  * process on a failed init (it cannot return one), so the caller checks what it can first. */
 HEP_API hep_status_t hep_mn_init(const uint8_t id[HEP_MN_UNIQUE_ID_BYTES], int rank, int world, int device);
 HEP_API int hep_mn_initialized(void);
-/* Ends the runtime; every exchange must have been destroyed. */
+/* Ends the runtime; every exchange and workspace must have been freed. */
 HEP_API hep_status_t hep_mn_finalize(void);
+
+/* A buffer's workspace in NVSHMEM's symmetric heap: `bytes` (the same on every rank),
+ * zeroed on every rank before this returns. Collective over the group. */
+HEP_API hep_status_t hep_mn_workspace_alloc(size_t bytes, void** out);
+/* Rank `pe`'s copy of the symmetric `workspace`, mapped for loads and stores here, or
+ * NULL where the engine reaches it only by puts. */
+HEP_API hep_status_t hep_mn_workspace_peer(void* workspace, int pe, void** out);
+/* Collective over the group, unless `peer_timed_out` (a wait of the buffer timed out, so a
+ * peer may be gone): then the memory stays until the process ends and the runtime can
+ * no longer be finalized. */
+HEP_API hep_status_t hep_mn_workspace_free(void* workspace, int peer_timed_out);
 
 /* One exchange step of the network leg, as docs/MULTINODE.md uses it: every rank puts
  * `bytes` from its send region into slot `rank` of each peer's receive region, with a
