@@ -142,7 +142,8 @@ def run_split_graph(rank: int, world_size: int, replays: int, **buffer_kw) -> No
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             layer(cud)
-        routings = ("order", "random", "masked", "invalid", "repeated", "empty_rank", "ragged", "skewed")
+        # ("order" needs another shape: cases() has it)
+        routings = ("random", "masked", "invalid", "repeated", "empty_rank", "ragged", "skewed")
         for i in range(replays):
             count = load(9000 + i, routings[i % len(routings)])
             out.fill_(float("nan"))

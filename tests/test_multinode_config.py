@@ -57,3 +57,38 @@ def nodes_worker(rank: int, world_size: int) -> None:
 
 def test_reference_results_do_not_depend_on_ranks_per_node():
     spawn(4, nodes_worker)
+
+
+def test_multinode_backend_close_stays_local_after_check_errors_took_the_timeout():
+    """check_errors clears the error block's timeout count; the workspace's close, a
+    collective NVSHMEM free, must still see it and free locally (a peer may be gone)."""
+    from hybrid_ep_infer.backends.multinode import MultinodeBackend
+    from hybrid_ep_infer.errors import ERROR_BLOCK_WORDS, ErrorKind, ErrorSnapshot
+
+    def snapshot(timeouts: int) -> ErrorSnapshot:
+        words = [0] * ERROR_BLOCK_WORDS
+        words[ErrorKind.TIMEOUT] = timeouts
+        return ErrorSnapshot.from_words(words)
+
+    class Context:  # the error block of a context whose wait timed out once
+        block = snapshot(1)
+
+        def take_errors(self):
+            taken, self.block = self.block, snapshot(0)
+            return taken
+
+        def peek_timeout(self):
+            return self.block if self.block.count(ErrorKind.TIMEOUT) else None
+
+    backend = MultinodeBackend.__new__(MultinodeBackend)  # no GPU here: only the bookkeeping
+    backend._peer_timed_out, backend.context = False, Context()
+    assert backend._saw_timeout()  # seen in the block
+    backend._peer_timed_out, backend.context = False, Context()
+    assert backend.take_errors().count(ErrorKind.TIMEOUT) == 1  # check_errors' read clears the block
+    assert backend.context.peek_timeout() is None
+    assert backend._saw_timeout()  # ... and close still frees locally
+    backend.context = None
+    assert backend._saw_timeout()
+    fresh = MultinodeBackend.__new__(MultinodeBackend)
+    fresh._peer_timed_out, fresh.context = False, None
+    assert not fresh._saw_timeout()

@@ -15,6 +15,7 @@ import torch
 
 from .. import multinode
 from ..config import BufferConfig
+from ..errors import ErrorKind
 from .cuda import CudaBackend
 
 
@@ -33,8 +34,20 @@ class MultinodeBackend(CudaBackend):
             raise ValueError(f"the multi-node runtime runs as rank {rank} of {world}, this buffer's group as rank "
                              f"{config.rank} of {config.world_size}: start it over the buffer's group "
                              "(multinode.init(group))")
+        self._peer_timed_out = False  # sticky: check_errors clears the count a later close must see
         super().__init__(config, group, device, num_sms, timeout_s, tune=False, low_latency=True,
                          ranks_per_node=ranks_per_node)
+
+    def take_errors(self):
+        snapshot = super().take_errors()
+        self._peer_timed_out |= bool(snapshot.count(ErrorKind.TIMEOUT))
+        return snapshot
+
+    def _saw_timeout(self) -> bool:
+        """A wait of this buffer timed out (a peer may be gone): close must not run a collective."""
+        if self.context is not None and self.context.peek_timeout() is not None:
+            self._peer_timed_out = True
+        return self._peer_timed_out
 
     def _native_library(self):
         return multinode.library()
@@ -43,4 +56,4 @@ class MultinodeBackend(CudaBackend):
         c = self.config
         return multinode.SymmetricWorkspace(
             self.device, self.layout.total_bytes, c.rank, c.world_size, self.desc.ranks_per_node,
-            peer_timed_out=lambda: self.context is not None and self.context.peek_timeout() is not None)
+            peer_timed_out=self._saw_timeout)
