@@ -16,6 +16,11 @@
 #   bash benchmarks/gpu_run.sh ceiling     # what SMs and copy engines write to all other GPUs at once, and
 #                                          # the cost of one exchange step (write + release + acquire)
 #                                          # (benchmarks/nvlink_ceiling.cu, all GPUs), $OUT/ceiling.txt
+#   bash benchmarks/gpu_run.sh --one-gpu phase-clock   # where one low-latency dispatch and one combine spend
+#                                          # their time, phase by phase on the GPU's clock (benchmarks/phase_clock.py;
+#                                          # a profiling build, built into build-clock/ unless carried), per W of
+#                                          # WORLD_SIZES (default 2,4,8); PHASE_CLOCK_ARGS="--tokens 1 128 --fp8";
+#                                          # $OUT/phase-clock.txt and $OUT/phase-clock-w<W>.json
 #   bash benchmarks/gpu_run.sh smoke slow  # several tiers in one call, stopping at the first failure
 #                                          # (slow: only the tests that smoke leaves out)
 #   TESTS=tests/test_cuda_combine.py bash benchmarks/gpu_run.sh smoke   # a subset of files
@@ -127,6 +132,21 @@ run_ceiling() {
   timeout "${CEILING_TIMEOUT:-300}" build/nvlink_ceiling ${CEILING_ARGS:-}
 }
 
+run_phase_clock() {
+  local lib=build-clock/libhybrid_ep_infer.so status=0 w
+  if [ ! -f "$lib" ]; then
+    cmake -S . -B build-clock -G Ninja -DHEP_PHASE_CLOCK=ON -DHEP_MULTINODE=OFF >/dev/null && cmake --build build-clock ||
+      return 1
+  fi
+  for w in ${WORLD_SIZES//,/ }; do
+    # shellcheck disable=SC2086
+    HYBRID_EP_INFER_LIBRARY=$PWD/$lib timeout "${PHASE_CLOCK_TIMEOUT:-240}" python3 benchmarks/phase_clock.py \
+      --ranks "$w" --json "$OUT/phase-clock-w$w.json" ${PHASE_CLOCK_ARGS:-} 2>&1 | grep -v -e UserWarning -e "return func"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  done
+  return $status
+}
+
 run_bench() {
   local configs=${BENCH_CONFIGS:-decode qwen-2048 mixtral-4096 prefill-7168} files=() status=0 ranks name
   [ "$one_gpu" -eq 1 ] && configs=${BENCH_CONFIGS:-decode}
@@ -159,8 +179,10 @@ for tier in "${tiers[@]}"; do
     full) markers="gpu" ;;
     bench) run_bench; status=$?; [ "$status" -eq 0 ] || break; continue ;;
     ceiling) run_ceiling 2>&1 | tee "$OUT/ceiling.txt"; status=${PIPESTATUS[0]}; [ "$status" -eq 0 ] || break; continue ;;
+    phase-clock) WORLD_SIZES=${WORLD_SIZES:-2,4,8} run_phase_clock 2>&1 | tee "$OUT/phase-clock.txt"
+                 status=${PIPESTATUS[0]}; [ "$status" -eq 0 ] || break; continue ;;
     breakdown) run_breakdown 2>&1 | tee "$OUT/breakdown.txt"; status=${PIPESTATUS[0]}; [ "$status" -eq 0 ] || break; continue ;;
-    *) echo "unknown tier $tier (smoke, slow, full, bench, breakdown, ceiling)"; exit 2 ;;
+    *) echo "unknown tier $tier (smoke, slow, full, bench, breakdown, ceiling, phase-clock)"; exit 2 ;;
   esac
   if [ "$one_gpu" -eq 1 ]; then
     export HYBRID_EP_INFER_TEST_WORLD_SIZES=${WORLD_SIZES:-$sizes}

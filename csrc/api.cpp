@@ -448,3 +448,16 @@ hep_status_t hep_combine_recv(hep_context_t* context, uint64_t stream) {
 }
 
 }  // extern "C"
+
+#ifdef HEP_PHASE_CLOCK
+// Profiling builds only (cmake -DHEP_PHASE_CLOCK=ON; benchmarks/phase_clock.py): the phase
+// marks of kernel 0 (the low-latency dispatch) or 1 (combine) on the current device since
+// the last read, then cleared. out[m]: the earliest %globaltimer (ns) at mark m, out[8 + m]:
+// the latest; 0 where no block passed it. Synchronous.
+extern "C" HEP_API hep_status_t hep_phase_clock_read(int kernel, unsigned long long* out) {
+  hep::clear_last_error();
+  HEP_REQUIRE(out != nullptr && (kernel == 0 || kernel == 1), "hep_phase_clock_read: kernel 0 or 1 and an out array");
+  HEP_CUDA_CALL(kernel == 0 ? hep::read_ll_dispatch_phase_clock(out) : hep::read_combine_phase_clock(out));
+  return HEP_SUCCESS;
+}
+#endif

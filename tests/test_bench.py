@@ -92,6 +92,19 @@ def test_plot_without_matplotlib_fails_at_argument_time(monkeypatch, capsys):
     assert "--plot needs matplotlib" in err and "pip install 'hybrid-ep-infer[plot]'" in err
 
 
+def test_tokens_option_replaces_each_configurations_list(monkeypatch, capsys):
+    """--tokens measures only the given n (FP8 at n = 128, say); an n above a configuration's
+    max_tokens is an argument error naming it."""
+    monkeypatch.setattr(cli, "visible_gpus", lambda: 1)
+    args = cli.parse_args(["--ranks", "4", "--config", "decode", "prefill-7168", "--tokens", "128"])
+    assert [(c.name, c.tokens) for c in args.bench_configs] == [("decode", (128,)), ("prefill-7168", (128,))]
+    assert cli.CONFIGS["decode"].tokens == (1, 8, 32, 128, 256)  # the table itself unchanged
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(["--ranks", "4", "--config", "decode", "--tokens", "1", "300"])
+    assert exc.value.code == 2
+    assert "--tokens [300]: decode takes 0 to 256 tokens per rank" in capsys.readouterr().err
+
+
 def _records(setup, ranks=2, sms=None):
     """Stand-in records: ours and (except on shared GPUs) the baselines, 2 dtypes x 2
     routings x n in (8, 64), dispatch and combine."""
@@ -427,3 +440,75 @@ def test_breakdown_ranks_timeline(capsys):
 
     breakdown.print_ranks_timeline([rank0, rank1[:3]], 2)
     assert "not shown" in capsys.readouterr().out  # rank 1 lost a kernel
+
+
+def test_phase_clock_build_compiles(tmp_path):
+    """The profiling build's sources (cmake -DHEP_PHASE_CLOCK=ON: the marks of
+    csrc/common/phase_clock.cuh and hep_phase_clock_read) still compile; benchmarks/
+    phase_clock.py runs it on GPU machines only."""
+    import shutil
+
+    import pytest
+
+    root = Path(__file__).resolve().parent.parent
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    flags = ["-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "--expt-relaxed-constexpr",
+             "-DHEP_PHASE_CLOCK=1", "-Icsrc", "-Icsrc/include"]
+    sources = ["csrc/kernels/ll_dispatch.cu", "csrc/kernels/combine.cu", "csrc/api.cpp"]
+    jobs = [subprocess.Popen([nvcc, *flags, "-c", src, "-o", str(tmp_path / f"{i}.o")], cwd=root,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i, src in enumerate(sources)]
+    for src, job in zip(sources, jobs):
+        _, err = job.communicate(timeout=600)
+        assert job.returncode == 0, f"{src}: {err[-3000:]}"
+    symbols = subprocess.run(["nm", str(tmp_path / "2.o")], capture_output=True, text=True).stdout
+    assert "hep_phase_clock_read" in symbols
+
+
+def _load_phase_clock():
+    """benchmarks/phase_clock.py as a module (a script, not part of the package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "phase_clock.py"
+    spec = importlib.util.spec_from_file_location("phase_clock", path)
+    phase_clock = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(phase_clock)
+    return phase_clock
+
+
+def test_phase_clock_tables():
+    """benchmarks/phase_clock.py's summary of stand-in marks: per mark, the medians over
+    replays of the earliest and latest pass of any rank since the kernel's first entry on
+    any rank, the latest pass per rank, and the gap from dispatch to combine."""
+    pc = _load_phase_clock()
+    M = pc.MARKS
+
+    def marks(firsts, lasts):  # ns; marks beyond the lists were not passed
+        out = [0] * (2 * M)
+        for m, (f, last) in enumerate(zip(firsts, lasts)):
+            out[m], out[M + m] = f, last
+        return out
+
+    def replay(shift, rank1_late):
+        # Rank 0 enters the dispatch at `shift`, rank 1 `rank1_late` ns later; exits 7 marks in.
+        d0 = marks([shift + 1000 * m for m in range(7)], [shift + 1000 * m + 500 for m in range(7)])
+        d1 = marks([shift + rank1_late + 1000 * m for m in range(7)],
+                   [shift + rank1_late + 1000 * m + 500 for m in range(7)])
+        c = marks([shift + 10_000 + 100 * m for m in range(5)], [shift + 10_000 + 100 * m + 50 for m in range(5)])
+        return [dict(dispatch=d0, combine=c, event_us=20.0), dict(dispatch=d1, combine=c, event_us=22.0)]
+
+    replays = [replay(0, 2000), replay(10**6, 4000), replay(2 * 10**6, 6000)]
+    per_rank = [[r[0] for r in replays], [r[1] for r in replays]]
+    summary = pc.summarize(per_rank, 1, type("Args", (), {"fp8": False})())
+    entered, published = summary["dispatch"][0], summary["dispatch"][1]
+    assert entered["mark"] == "entered" and entered["first_us"] == 0.0
+    assert entered["last_us"] == 4.5  # rank 1's latest entry: 4000 + 500 ns (the median replay)
+    assert published["last_per_rank_us"] == [1.5, 5.5]
+    assert summary["event_us"] == 22.0
+    # The dispatch's last exit (rank 1: late + 6500) to the combine's first entry (10000).
+    assert summary["dispatch_to_combine_gap_us"] == (10_000 - 4000 - 6500) / 1e3
+    assert [row["mark"] for row in summary["combine"]] == list(pc.COMBINE_MARKS)
+    assert summary["combine"][4]["last_us"] == 0.45
+    assert summary["kernels_span_us"] == 10.45

@@ -2,6 +2,7 @@
 // (one 16-byte vector of bf16) at a time.
 #include <cuda_bf16.h>
 
+#include "common/phase_clock.cuh"
 #include "common/ptx.cuh"
 #include "common/wait.cuh"
 #include "kernels/combine.cuh"
@@ -252,6 +253,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const __grid_constant
   const int W = s.world;
   const uint64_t combine = current_combine(p);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (threadIdx.x == 0) phase_clock::mark(kMarkCombineEntered);
   // A timed-out buffer writes no peer (a graph may replay after the host saw the timeout);
   // one read per block, so its threads take the same barriers.
   bool ok = !__syncthreads_or(threadIdx.x == 0 && timed_out_before(wait_context(p)));
@@ -265,14 +267,17 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const __grid_constant
     // always true on arrival; it matters when a rank has nothing to wait for (n = 0).
     ok = block_wait_all_peers(at<uint64_t>(p.local, p.off.combine_done), W, combine >= 2 ? combine - 2 : 0,
                               wait_context(p), kPhaseCombinePartials);
+    if (threadIdx.x == 0) phase_clock::mark(kMarkCombinePartialsFree);
   }
   if (ok) {
     const int reduce_warps = p.roles == kCombineBoth ? p.reduce_warps : p.roles == kCombineReduce ? kWarps : 0;
     const int gather_warps = kWarps - reduce_warps;
     if (warp < reduce_warps) {
       reduce_tokens(p, combine, blockIdx.x * reduce_warps + warp, gridDim.x * reduce_warps, lane);
+      if (lane == 0) phase_clock::mark(kMarkCombineReduced);
     } else {
       ok = gather_tokens(p, combine, blockIdx.x * gather_warps + warp - reduce_warps, gridDim.x * gather_warps, lane);
+      if (lane == 0) phase_clock::mark(kMarkCombineGathered);
     }
   }
   if (!(p.roles & kCombineGather)) return;  // the send half: the receive half ends the call
@@ -313,9 +318,14 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const __grid_constant
       ptx::st_release_sys(done, combine);
     }
   }
+  if (threadIdx.x == 0) phase_clock::mark(kMarkCombineExited);
 }
 
 }  // namespace
+
+#ifdef HEP_PHASE_CLOCK
+cudaError_t read_combine_phase_clock(unsigned long long* host) { return phase_clock::read_and_clear(host); }
+#endif
 
 cudaError_t launch_combine(const CombineParams& p, cudaStream_t stream) {
   combine_kernel<<<p.blocks, kThreads, 0, stream>>>(p);

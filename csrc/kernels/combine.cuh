@@ -64,4 +64,15 @@ struct CombineParams {
 
 cudaError_t launch_combine(const CombineParams& params, cudaStream_t stream);
 
+// Profiling builds (HEP_PHASE_CLOCK, common/phase_clock.cuh): the marks of the combine
+// kernel since the last read, indexed by CombineMark; then cleared.
+enum CombineMark : int {
+  kMarkCombineEntered,       // a block started
+  kMarkCombinePartialsFree,  // a block may write every source's partials half
+  kMarkCombineReduced,       // a reduce warp wrote its last partial
+  kMarkCombineGathered,      // a gather warp stored its last output row
+  kMarkCombineExited,        // a block ended the call
+};
+cudaError_t read_combine_phase_clock(unsigned long long* host);
+
 }  // namespace hep

@@ -1,5 +1,6 @@
 // The low-latency dispatch's kernels (see ll_dispatch.cuh): the send half, the receive
 // half, and both in one launch.
+#include "common/phase_clock.cuh"
 #include "common/ptx.cuh"
 #include "common/wait.cuh"
 #include "kernels/ll_dispatch.cuh"
@@ -20,7 +21,10 @@ static_assert(kMaxRanks <= 64, "a token's destinations are tested one rank per i
 template <typename IndexT>
 __device__ void send_half(const DispatchParams& p, uint64_t call, int parity) {
   const int n = ll::tokens_to_send(p, blockIdx.x == 0 && threadIdx.x == 0);
-  if (blockIdx.x == 0) ll::publish_routing<IndexT>(p, parity, n);
+  if (blockIdx.x == 0) {
+    ll::publish_routing<IndexT>(p, parity, n);
+    if (threadIdx.x == 0) phase_clock::mark(kMarkDispatchRoutingPublished);
+  }
   const int lane = threadIdx.x % 32;
   int warp = threadIdx.x / 32, warps = kWarps;
   if (gridDim.x > 1) {
@@ -33,6 +37,7 @@ __device__ void send_half(const DispatchParams& p, uint64_t call, int parity) {
   } else {
     ll::stage_rows<IndexT>(p, call, parity, n, warp, warps, lane);
   }
+  if (lane == 0) phase_clock::mark(kMarkDispatchRowsStaged);
 }
 
 // Waits for every source's routing, builds the plan tables, places and copies the rows.
@@ -43,14 +48,17 @@ __device__ bool receive_half(const DispatchParams& p, uint64_t call, int parity)
                             wait_context(p), kPhaseDispatchRouting)) {
     return false;
   }
+  if (threadIdx.x == 0) phase_clock::mark(kMarkDispatchRoutingArrived);
   extern __shared__ int32_t plan_shared[];  // ll_receive_shared_bytes
   const ll::PlanTables tb = ll::carve_plan_tables(s, plan_shared);
   ll::build_plan_tables(p, parity, tb);
+  if (threadIdx.x == 0) phase_clock::mark(kMarkDispatchPlanBuilt);
   if (blockIdx.x == 0) ll::write_counts(p, parity, tb);
   const int warp = blockIdx.x * kWarps + threadIdx.x / 32, warps = gridDim.x * kWarps, lane = threadIdx.x % 32;
   ll::clear_unfilled_rows(p, tb, warp, warps, lane);
   uint32_t overflow = 0;
   const bool ok = ll::place_staged_rows(p, call, parity, tb, warp, warps, lane, overflow);
+  if (lane == 0) phase_clock::mark(kMarkDispatchRowsPlaced);
   add_block_counts(overflow, 0, &p.errors->counts[HEP_ERROR_CAPACITY_OVERFLOW], nullptr);
   return __syncthreads_and(ok);
 }
@@ -59,6 +67,7 @@ __device__ bool receive_half(const DispatchParams& p, uint64_t call, int parity)
 __device__ void finish_call(const DispatchParams& p, uint64_t call) {
   __syncthreads();
   if (threadIdx.x == 0) {
+    phase_clock::mark(kMarkDispatchExited);
     uint32_t* done = at<uint32_t>(p.local, p.off.epoch + 8);
     __threadfence();
     if (atomicAdd(done, 1u) == gridDim.x - 1) {
@@ -72,6 +81,7 @@ template <typename IndexT, int kPhases>
 __global__ void __launch_bounds__(kThreads, 1) ll_dispatch_kernel(const __grid_constant__ DispatchParams p) {
   const uint64_t call = *at<const uint64_t>(p.local, p.off.epoch) + 1;
   const int parity = static_cast<int>(call & 1);
+  if (threadIdx.x == 0) phase_clock::mark(kMarkDispatchEntered);
   // A dead buffer touches no peer; one read per block, so its threads take the same barriers.
   if (!__syncthreads_or(threadIdx.x == 0 && timed_out_before(wait_context(p)))) {
     if (kPhases & kLowLatencySend) send_half<IndexT>(p, call, parity);
@@ -112,6 +122,10 @@ cudaError_t prepare_ll_dispatch() {
   if (err == cudaSuccess) err = allow_shared_memory(ll_dispatch_kernel<int64_t, kLowLatencyBoth>, bytes);
   return err;
 }
+
+#ifdef HEP_PHASE_CLOCK
+cudaError_t read_ll_dispatch_phase_clock(unsigned long long* host) { return phase_clock::read_and_clear(host); }
+#endif
 
 cudaError_t launch_ll_dispatch(const DispatchParams& p, int phases, cudaStream_t stream) {
   switch (phases) {

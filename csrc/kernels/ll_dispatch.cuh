@@ -46,4 +46,17 @@ size_t ll_receive_shared_bytes(const Sizes& s);
 cudaError_t prepare_ll_dispatch();  // once per device: the receive's shared-memory limit
 cudaError_t launch_ll_dispatch(const DispatchParams& params, int phases, cudaStream_t stream);
 
+// Profiling builds (HEP_PHASE_CLOCK, common/phase_clock.cuh): the marks of these kernels
+// since the last read, indexed by LowLatencyDispatchMark; then cleared.
+enum LowLatencyDispatchMark : int {
+  kMarkDispatchEntered,          // a block started
+  kMarkDispatchRoutingPublished, // block 0 released its routing to every peer
+  kMarkDispatchRowsStaged,       // a staging warp wrote its last row
+  kMarkDispatchRoutingArrived,   // a block saw every source's routing
+  kMarkDispatchPlanBuilt,        // a block built its plan tables
+  kMarkDispatchRowsPlaced,       // a warp copied its last staged row
+  kMarkDispatchExited,           // a block ended the call
+};
+cudaError_t read_ll_dispatch_phase_clock(unsigned long long* host);
+
 }  // namespace hep

@@ -16,6 +16,7 @@ One process per visible GPU (or --ranks N). Three setups:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -96,6 +97,9 @@ def parse_args(argv=None):
                    default=list(GPU_DEFAULT if gpus else CPU_DEFAULT))
     p.add_argument("--dtype", dest="dtypes", nargs="+", choices=("bf16", "fp8"), default=["bf16", "fp8"])
     p.add_argument("--routing", dest="routings", nargs="+", choices=("uniform", "zipf"), default=["uniform", "zipf"])
+    p.add_argument("--tokens", type=int, nargs="+", default=None,
+                   help="tokens per rank to measure, each within a configuration's max_tokens "
+                        "(default: each configuration's own list)")
     p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS),
                    help="what to time, each eager and graph-replayed (default: all)")
     p.add_argument("--samples", type=int, default=None,
@@ -130,6 +134,12 @@ def parse_args(argv=None):
         print(f"note: --samples {args.samples} < 50: medians and p99 are rough", flush=True)
     # The CPU runs the reference backend: at GPU sizes one configuration takes tens of minutes.
     args.bench_configs = [for_cpu(CONFIGS[c]) if args.setup == "cpu" else CONFIGS[c] for c in args.configs]
+    if args.tokens is not None:
+        for cfg in args.bench_configs:
+            outside = [n for n in args.tokens if not 0 <= n <= cfg.max_tokens]
+            if outside:
+                p.error(f"--tokens {outside}: {cfg.name} takes 0 to {cfg.max_tokens} tokens per rank")
+        args.bench_configs = [dataclasses.replace(cfg, tokens=tuple(args.tokens)) for cfg in args.bench_configs]
     return args
 
 
