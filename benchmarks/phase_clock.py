@@ -138,15 +138,15 @@ def phase_table(per_rank: list[list[dict]], kernel: str, names: tuple[str, ...])
 
 def summarize(per_rank: list[list[dict]], n: int, args) -> dict:
     replays = len(per_rank[0])
-    gap = []  # the dispatch's last exit to the combine's first entry
-    span = []  # the dispatch's first entry to the combine's last exit
+    gap = []  # the dispatch's latest mark to the combine's first entry
+    span = []  # the dispatch's first entry to the combine's latest mark
     for i in range(replays):
         d = [rank[i]["dispatch"] for rank in per_rank]
         c = [rank[i]["combine"] for rank in per_rank]
-        d_exit = max(mk[MARKS + 6] for mk in d)
+        d_end = max(max(mk[MARKS:]) for mk in d)
         c_enter = min(mk[0] for mk in c if mk[0])
-        gap.append((c_enter - d_exit) / 1e3)
-        span.append((max(mk[MARKS + 4] for mk in c) - min(mk[0] for mk in d if mk[0])) / 1e3)
+        gap.append((c_enter - d_end) / 1e3)
+        span.append((max(max(mk[MARKS:]) for mk in c) - min(mk[0] for mk in d if mk[0])) / 1e3)
     return dict(ranks=len(per_rank), tokens=n, dtype="fp8" if args.fp8 else "bf16", replays=replays,
                 event_us=statistics.median(max(rank[i]["event_us"] for rank in per_rank) for i in range(replays)),
                 kernels_span_us=statistics.median(span), dispatch_to_combine_gap_us=statistics.median(gap),
@@ -156,8 +156,9 @@ def summarize(per_rank: list[list[dict]], n: int, args) -> dict:
 
 def print_summary(s: dict) -> None:
     print(f"\n== W={s['ranks']} n={s['tokens']} {s['dtype']}: median of {s['replays']} replays; "
-          f"replay (events, slowest rank) {s['event_us']:.1f} us, dispatch entry to combine exit "
-          f"{s['kernels_span_us']:.1f} us, dispatch exit to combine entry {s['dispatch_to_combine_gap_us']:.1f} us")
+          f"replay (events, slowest rank) {s['event_us']:.1f} us, dispatch's first entry to combine's last mark "
+          f"{s['kernels_span_us']:.1f} us, dispatch's last mark to combine's first entry "
+          f"{s['dispatch_to_combine_gap_us']:.1f} us")
     for kernel in ("dispatch", "combine"):
         print(f"{kernel:9s}{'mark':>20s} {'first':>8s} {'last':>8s}   "
               "last per rank (us since the kernel's first entry)")
