@@ -512,3 +512,13 @@ def test_phase_clock_tables():
     assert [row["mark"] for row in summary["combine"]] == list(pc.COMBINE_MARKS)
     assert summary["combine"][4]["last_us"] == 0.45
     assert summary["kernels_span_us"] == 10.45
+
+    # A mark no block passed (a build without it) is left out, and the span ends at the
+    # combine's latest mark that was passed.
+    for rank in per_rank:
+        for record in rank:
+            record["combine"] = list(record["combine"])
+            record["combine"][4] = record["combine"][M + 4] = 0
+    summary = pc.summarize(per_rank, 1, type("Args", (), {"fp8": False})())
+    assert [row["mark"] for row in summary["combine"]] == list(pc.COMBINE_MARKS[:4])
+    assert summary["kernels_span_us"] == 10.35
