@@ -262,19 +262,20 @@ def test_print_table_shared_gpu(capsys):
     assert row.split()[-1] == "16"
 
 
-def _load_results_table():
+def _load_benchmark_script(name: str):
+    """benchmarks/<name>.py as a module (a script, not part of the package)."""
     import importlib.util
 
-    path = ROOT / "benchmarks" / "results_table.py"
-    spec = importlib.util.spec_from_file_location("results_table", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
 
 
 def test_results_table_one_gpu(tmp_path, capsys):
     """W = 2, 4, 8 on one GPU merge into one table, labelled as such, one column pair per W."""
-    results_table = _load_results_table()
+    results_table = _load_benchmark_script("results_table")
     files = []
     for w, sms in ((2, 24), (4, 24), (8, 16)):
         path = tmp_path / f"shared-w{w}.json"
@@ -302,7 +303,7 @@ def test_results_table_one_gpu(tmp_path, capsys):
 
 def test_results_table_committed_runs_still_render(capsys):
     """Files written before setups were recorded (one rank per GPU) render as before."""
-    results_table = _load_results_table()
+    results_table = _load_benchmark_script("results_table")
     results_table.main([str(ROOT / "benchmarks" / "results-2gpu.json")])
     out = capsys.readouterr().out
     assert out.startswith("NVIDIA H200 x2") and "pair copy rates: nccl_send_recv" in out
@@ -380,24 +381,13 @@ def test_nvlink_ceiling_tool_compiles(tmp_path):
     assert (tmp_path / "nvlink_ceiling").stat().st_size > 0
 
 
-def _load_breakdown():
-    """benchmarks/breakdown.py as a module (it is a script, not part of the package)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "breakdown.py"
-    spec = importlib.util.spec_from_file_location("breakdown", path)
-    breakdown = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(breakdown)
-    return breakdown
-
-
 def test_breakdown_timeline_durations_and_gaps(capsys):
     """benchmarks/breakdown.py's timeline: kernels of each call in start order, the mean
     duration per position and the mean gap since the previous kernel of the call ended
     (fed stand-in profiler events: the script itself runs only on GPU machines)."""
     import types
 
-    breakdown = _load_breakdown()
+    breakdown = _load_benchmark_script("breakdown")
 
     def kernel(name, start, end):
         return types.SimpleNamespace(key=f"void hep::{name}(hep::DispatchParams)", device_type="DeviceType.CUDA",
@@ -421,7 +411,7 @@ def test_breakdown_timeline_durations_and_gaps(capsys):
 def test_breakdown_ranks_timeline(capsys):
     """benchmarks/breakdown.py --all-ranks: per kernel and rank, the mean start and end since
     the step's first start on any rank (stand-in kernel lists: GPU machines only run it)."""
-    breakdown = _load_breakdown()
+    breakdown = _load_benchmark_script("breakdown")
 
     # Two steps of (publish, scan) on two ranks; rank 1 starts 4 us after rank 0 in step 1
     # and 2 us before it in step 2 (origins 1000 and 1098).
@@ -467,22 +457,11 @@ def test_phase_clock_build_compiles(tmp_path):
     assert "hep_phase_clock_read" in symbols
 
 
-def _load_phase_clock():
-    """benchmarks/phase_clock.py as a module (a script, not part of the package)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "phase_clock.py"
-    spec = importlib.util.spec_from_file_location("phase_clock", path)
-    phase_clock = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(phase_clock)
-    return phase_clock
-
-
 def test_phase_clock_tables():
     """benchmarks/phase_clock.py's summary of stand-in marks: per mark, the medians over
     replays of the earliest and latest pass of any rank since the kernel's first entry on
     any rank, the latest pass per rank, and the gap from dispatch to combine."""
-    pc = _load_phase_clock()
+    pc = _load_benchmark_script("phase_clock")
     M = pc.MARKS
 
     def marks(firsts, lasts):  # ns; marks beyond the lists were not passed
