@@ -18,7 +18,8 @@
 #                                          # (benchmarks/nvlink_ceiling.cu, all GPUs), $OUT/ceiling.txt
 #   bash benchmarks/gpu_run.sh --one-gpu phase-clock   # where one low-latency dispatch and one combine spend
 #                                          # their time, phase by phase on the GPU's clock (benchmarks/phase_clock.py;
-#                                          # a profiling build, built into build-clock/ unless carried), per W of
+#                                          # a profiling build, built into build-clock/ unless carried, or
+#                                          # PHASE_CLOCK_LIB=<another profiling build>), per W of
 #                                          # WORLD_SIZES (default 2,4,8); PHASE_CLOCK_ARGS="--tokens 1 128 --fp8";
 #                                          # $OUT/phase-clock.txt and $OUT/phase-clock-w<W>.json
 #   bash benchmarks/gpu_run.sh smoke slow  # several tiers in one call, stopping at the first failure
@@ -133,14 +134,14 @@ run_ceiling() {
 }
 
 run_phase_clock() {
-  local lib=build-clock/libhybrid_ep_infer.so status=0 w
+  local lib=${PHASE_CLOCK_LIB:-build-clock/libhybrid_ep_infer.so} status=0 w  # PHASE_CLOCK_LIB: another profiling build
   if [ ! -f "$lib" ]; then
     cmake -S . -B build-clock -G Ninja -DHEP_PHASE_CLOCK=ON -DHEP_MULTINODE=OFF >/dev/null && cmake --build build-clock ||
       return 1
   fi
   for w in ${WORLD_SIZES//,/ }; do
     # shellcheck disable=SC2086
-    HYBRID_EP_INFER_LIBRARY=$PWD/$lib timeout "${PHASE_CLOCK_TIMEOUT:-240}" python3 benchmarks/phase_clock.py \
+    HYBRID_EP_INFER_LIBRARY=$(realpath "$lib") timeout "${PHASE_CLOCK_TIMEOUT:-240}" python3 benchmarks/phase_clock.py \
       --ranks "$w" --json "$OUT/phase-clock-w$w.json" ${PHASE_CLOCK_ARGS:-} 2>&1 | grep -v -e UserWarning -e "return func"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   done

@@ -101,6 +101,8 @@ struct WorkspaceOffsets {
   int64_t row_of;     // [W, T, K] int32: this rank's row of (s, t, k), or -1
   int64_t first_row;  // [W, T] int32: the row source s writes token t to on this rank, or -1
   int64_t src_tokens; // [W] int32: n of every source in the current call
+  int64_t reduce_slices_done;  // [W (source), T] uint32: combine's reduce slices done with chunk c (0 between
+                               // calls; a buffer whose wait timed out is never run again)
   int64_t epoch;          // uint64: dispatches completed; uint32 "blocks done" right after it
   int64_t combine_epoch;  // uint64: combines completed; uint32 "blocks done" right after it
   int64_t broken;         // uint32: set once any wait of this buffer timed out (sticky)
@@ -160,6 +162,7 @@ inline WorkspaceOffsets make_offsets(const Sizes& s) {
   o.row_of = take(4 * W * T * K);
   o.first_row = take(4 * W * T);
   o.src_tokens = take(4 * W);
+  o.reduce_slices_done = take(4 * W * T);
   o.epoch = take(16);
   o.combine_epoch = take(16);
   o.broken = take(16);

@@ -37,6 +37,7 @@ def cuda_exchange_bytes(config: BufferConfig, low_latency: bool = False, across_
     return (2 * W * T * H * 2  # combine partials (two halves, written by peers)
             + 2 * W * (16 + 8 * T * K)  # routing slots (two halves, written by peers)
             + 8 * W * T * K + 8 * W * T  # the dispatch plan (row of each (source, token, slot), first rows)
+            + 4 * W * T  # combine's count of reduce slices done per chunk of tokens
             + 16 * W * T  # arrival flags per chunk of tokens (dispatch payload, combine partials)
             + 4 * W * E  # per-source expert histogram
             + (staging if low_latency else 0)

@@ -20,6 +20,8 @@ constexpr int kWarps = kCopyWarps;
 // lane is what shortens it (docs/DESIGN.md, "Loads in flight").
 constexpr int kVectors = 4;
 constexpr int kTermsInFlight = 4;
+constexpr int kMaxGatherSlices = 8;  // gather_tokens: column slices per token at small n
+constexpr int kMaxReduceSlices = 8;  // reduce_tokens: column slices per chunk at small n
 
 struct Float8 {
   float v[8];
@@ -112,11 +114,15 @@ __device__ __forceinline__ __nv_bfloat16* net_partial(void* workspace, const Siz
   return at<__nv_bfloat16>(workspace, o.net_partials) + row * s.hidden;
 }
 
-// Reduce role. Items (chunk c, source) in chunk-major order, sources rotated from
-// rank + 1: per received token of the chunk, the bf16 partial written into the source's
-// partials; then one release of the chunk's flag there if any token of it had rows here.
-// A source on another node gets each partial summed here, then put with the chunk's
-// flag as the signal (chunks of one token there: hep_context_attach).
+// Reduce role. Items (chunk c, source, column slice) in chunk-major order, sources rotated
+// from rank + 1: per received token of the chunk, the slice's columns of the bf16 partial
+// written into the source's partials; then one release of the chunk's flag there if any
+// token of it had rows here, by the last of the chunk's slices to finish (a count per
+// chunk in reduce_slices_done). A chunk is split into up to kMaxReduceSlices slices where
+// the items are fewer than the warps (small n: one warp per token was most of the
+// reduce's time). A source on another node gets each partial summed here, then put with
+// the chunk's flag as the signal (chunks of one token there: hep_context_attach); those
+// buffers keep one slice, as the put sends the whole row.
 __device__ void reduce_tokens(const CombineParams& p, uint64_t combine, int warp, int warps, int lane) {
   const Sizes& s = p.sizes;
   const int W = s.world, K = s.top_k, T = s.max_tokens, C = p.chunk_tokens;
@@ -133,9 +139,18 @@ __device__ void reduce_tokens(const CombineParams& p, uint64_t combine, int warp
   int max_n = 0;
   for (int r = 0; r < W; ++r) max_n = max(max_n, src_tokens[r]);
   const int chunks = (max_n + C - 1) / C;
+  const int64_t pairs = (int64_t)chunks * W;
+  const int64_t warps_per_pair = warps / (pairs > 0 ? pairs : 1);
+  const int slices = s.spans_nodes() || warps_per_pair < 1 ? 1
+                     : warps_per_pair > kMaxReduceSlices ? kMaxReduceSlices : static_cast<int>(warps_per_pair);
+  const int slice_vectors = (vectors + slices - 1) / slices;
+  uint32_t* slices_done = at<uint32_t>(p.local, p.off.reduce_slices_done);
 
-  for (int64_t item = warp; item < (int64_t)chunks * W; item += warps) {
-    const int c = static_cast<int>(item / W), source = (s.rank + 1 + static_cast<int>(item % W)) % W;
+  for (int64_t item = warp; item < pairs * slices; item += warps) {
+    const int64_t pair = item / slices;
+    const int c = static_cast<int>(pair / W), source = (s.rank + 1 + static_cast<int>(pair % W)) % W;
+    const int begin = min(vectors, static_cast<int>(item % slices) * slice_vectors);
+    const int columns = min(vectors, begin + slice_vectors) - begin;
     const int end = min(src_tokens[source], (c + 1) * C);
     bool wrote = false;
     for (int t = c * C; t < end; ++t) {
@@ -148,7 +163,7 @@ __device__ void reduce_tokens(const CombineParams& p, uint64_t combine, int warp
       const uint32_t valid = __ballot_sync(0xffffffffu, row >= 0);
       if (row >= 0) {
         const int j = __popc(valid & ((1u << lane) - 1));
-        rows[j] = static_cast<const int4*>(p.y) + (int64_t)row * vectors;
+        rows[j] = static_cast<const int4*>(p.y) + (int64_t)row * vectors + begin;
         row_weights[j] = weights[row];
       }
       __syncwarp();
@@ -161,13 +176,26 @@ __device__ void reduce_tokens(const CombineParams& p, uint64_t combine, int warp
                           source);
         continue;
       }
-      int4* dst = reinterpret_cast<int4*>(partials(p.peers[source], s, p.off, parity, s.rank, t));
-      sum_rows<true>(dst, rows, row_weights, __popc(valid), p.weighted, vectors, lane);
+      int4* dst = reinterpret_cast<int4*>(partials(p.peers[source], s, p.off, parity, s.rank, t)) + begin;
+      sum_rows<true>(dst, rows, row_weights, __popc(valid), p.weighted, columns, lane);
     }
-    if (wrote && !s.across_nodes(source)) {  // the same in every lane
-      warp_release_flag(lane == 0, at<uint64_t>(p.peers[source], p.off.combine_flags) + (int64_t)s.rank * T + c,
-                        combine);
+    if (!wrote || s.across_nodes(source)) continue;  // the same in every lane
+    if (slices > 1) {  // the last slice to finish the chunk releases its flag
+      __syncwarp();
+      bool last = false;
+      if (lane == 0) {
+        uint32_t* done = slices_done + (int64_t)source * T + c;
+        ptx::fence_acq_rel_sys();  // this slice's partials before its count: the release below covers them
+        last = atomicAdd(done, 1u) == static_cast<uint32_t>(slices - 1);
+        if (last) {
+          *done = 0;  // for the next combine (a later kernel)
+          ptx::fence_acq_rel_sys();  // every other slice's partials before the release below
+        }
+      }
+      if (!__shfl_sync(0xffffffffu, last, 0)) continue;
     }
+    warp_release_flag(lane == 0, at<uint64_t>(p.peers[source], p.off.combine_flags) + (int64_t)s.rank * T + c,
+                      combine);
   }
 }
 
@@ -208,10 +236,12 @@ __device__ __noinline__ void check_routing(const CombineParams& p, int n, int wa
   }
 }
 
-// Gather role. Tokens t = warp, warp + warps, ... of this rank: once the chunk of t from
-// every destination with rows of t is here, their sum in ascending destination rank (ranks
-// without rows of t wrote none: skipping them equals adding +0.0). Returns false if a
-// wait timed out.
+// Gather role. Items (token t of this rank, column slice), t-major: once the chunk of t
+// from every destination with rows of t is here, the slice's columns of their sum in
+// ascending destination rank (ranks without rows of t wrote none: skipping them equals
+// adding +0.0). A token is split into up to kMaxGatherSlices slices, one warp each, where
+// the tokens are fewer than the warps (small n: one warp per token was most of the
+// gather's time). Returns false if a wait timed out.
 __device__ bool gather_tokens(const CombineParams& p, uint64_t combine, int warp, int warps, int lane) {
   const Sizes& s = p.sizes;
   const int W = s.world, T = s.max_tokens;
@@ -223,8 +253,14 @@ __device__ bool gather_tokens(const CombineParams& p, uint64_t combine, int warp
   __shared__ const int4* warp_terms[kWarps][kMaxRanks];
   const int4** terms = warp_terms[threadIdx.x / 32];
   if (p.topk_idx != nullptr) check_routing(p, n, warp, warps, lane);
+  const int warps_per_token = warps / (p.num_rows > 0 ? p.num_rows : 1);
+  const int slices = warps_per_token < 1 ? 1 : min(warps_per_token, kMaxGatherSlices);
+  const int slice_vectors = (vectors + slices - 1) / slices;
 
-  for (int t = warp; t < p.num_rows; t += warps) {
+  for (int64_t item = warp; item < (int64_t)p.num_rows * slices; item += warps) {
+    const int t = static_cast<int>(item / slices);
+    const int begin = min(vectors, static_cast<int>(item % slices) * slice_vectors);
+    const int end = min(vectors, begin + slice_vectors);
     int count = 0;
     __syncwarp();
     for (int base = 0; base < W; base += 32) {
@@ -236,12 +272,12 @@ __device__ bool gather_tokens(const CombineParams& p, uint64_t combine, int warp
       }
       const uint32_t holders = __ballot_sync(0xffffffffu, has_rows);
       if (has_rows) terms[count + __popc(holders & ((1u << lane) - 1))] =
-          reinterpret_cast<const int4*>(partials(p.local, s, p.off, parity, r, t));
+          reinterpret_cast<const int4*>(partials(p.local, s, p.off, parity, r, t)) + begin;
       count += __popc(holders);
     }
     __syncwarp();
-    int4* dst = reinterpret_cast<int4*>(static_cast<__nv_bfloat16*>(p.out) + (int64_t)t * s.hidden);
-    sum_rows<false>(dst, terms, nullptr, count, false, vectors, lane);
+    int4* dst = reinterpret_cast<int4*>(static_cast<__nv_bfloat16*>(p.out) + (int64_t)t * s.hidden) + begin;
+    sum_rows<false>(dst, terms, nullptr, count, false, end - begin, lane);
   }
   return true;
 }

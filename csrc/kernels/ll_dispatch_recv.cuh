@@ -15,6 +15,11 @@
 namespace hep::ll {
 
 constexpr int kExpandUnroll = 8;  // as the planned dispatch's local copies
+// A (token, source) item's row copies split into at most this many column slices, one warp
+// each, where the items are fewer than the warps (small n: one warp copying a token's
+// rows one after another was most of the receive's time).
+constexpr int kMaxPlaceSlices = 8;
+static_assert(kMaxRanks <= 64, "the plan build's scan gives each lane of one warp two sources");
 
 // The plan tables each receiving block builds in shared memory, from every source's
 // routing (n <= max_tokens = ll_tokens rows each):
@@ -58,24 +63,43 @@ __device__ inline PlanTables carve_plan_tables(const Sizes& s, int32_t* shared) 
 
 // Counts and masks from every source's routing (its slot here, published before the
 // meta counter the caller acquired), then the placement. Every thread of the block calls it.
+// Every source's n is loaded at once, then one loop runs over the cells of all sources, so
+// the sources' loads overlap instead of following one another (a cost that grew with W).
 __device__ void build_plan_tables(const DispatchParams& p, int parity, const PlanTables& tb) {
   const Sizes& s = p.sizes;
   const int W = s.world, E = s.num_experts, L = s.local_experts, K = s.top_k;
+  __shared__ int32_t cells_before[kMaxRanks + 1];  // [r]: cells of the sources before r
   for (int64_t i = threadIdx.x; i < (int64_t)W * E; i += blockDim.x) tb.hist[i] = 0;
   for (int64_t i = threadIdx.x; i < ((int64_t)W * L + E) * tb.words; i += blockDim.x) tb.masks_here[i] = 0;
-  __syncthreads();
-  for (int source = 0; source < W; ++source) {
-    const RoutingSlotView slot = routing_slot(p.local, s, p.off, parity, source);
-    const int n = *slot.n;
-    for (int64_t cell = threadIdx.x; cell < (int64_t)n * K; cell += blockDim.x) {
-      const int32_t g = slot.ids[cell];
-      if (g < 0) continue;
-      const int t = static_cast<int>(cell / K);
-      const uint32_t bit = 1u << (t % 32);
-      atomicAdd(&tb.hist[source * E + g], 1);
-      if (g / L == s.rank) atomicOr(&tb.masks_here[(int64_t)(source * L + g % L) * tb.words + t / 32], bit);
-      if (source == s.rank) atomicOr(&tb.masks_own[(int64_t)g * tb.words + t / 32], bit);
+  if (threadIdx.x < 32) {  // an inclusive warp scan of n * K, two sources per lane (W <= 64)
+    const int lane = threadIdx.x, a = 2 * lane, b = 2 * lane + 1;
+    const int32_t ca = a < W ? *routing_slot(p.local, s, p.off, parity, a).n * K : 0;
+    const int32_t cb = b < W ? *routing_slot(p.local, s, p.off, parity, b).n * K : 0;
+    int32_t sum = ca + cb;
+    for (int d = 1; d < 32; d *= 2) {
+      const int32_t below = __shfl_up_sync(0xffffffffu, sum, d);
+      if (lane >= d) sum += below;
     }
+    if (lane == 0) cells_before[0] = 0;
+    if (a < W) cells_before[a + 1] = sum - cb;
+    if (b < W) cells_before[b + 1] = sum;
+  }
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < cells_before[W]; i += blockDim.x) {
+    int lo = 0, hi = W - 1;  // the source of cell i: the last r with cells_before[r] <= i
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (cells_before[mid] <= i) lo = mid; else hi = mid - 1;
+    }
+    const int source = lo;
+    const int64_t cell = i - cells_before[source];
+    const int32_t g = routing_slot(p.local, s, p.off, parity, source).ids[cell];
+    if (g < 0) continue;
+    const int t = static_cast<int>(cell / K);
+    const uint32_t bit = 1u << (t % 32);
+    atomicAdd(&tb.hist[source * E + g], 1);
+    if (g / L == s.rank) atomicOr(&tb.masks_here[(int64_t)(source * L + g % L) * tb.words + t / 32], bit);
+    if (source == s.rank) atomicOr(&tb.masks_own[(int64_t)g * tb.words + t / 32], bit);
   }
   __syncthreads();
   compute_placement(s, tb.hist, tb.written, tb.offsets, tb.before_here, tb.before_mine);
@@ -87,10 +111,11 @@ __device__ __forceinline__ int32_t rank_in_mask(const uint32_t* mask, int t) {
   return below;
 }
 
-// Items (token t, source), token-major (the order the senders go in): this rank's rows
-// of the token (lane k holds slot k), their weights and row_expert, the plan entries
-// combine reads, and, for this rank's own tokens, the first row on every destination;
-// then the staged row into each of its rows here. Returns false if a wait timed out.
+// Items (token t, source, slice), token-major (the order the senders go in): this rank's
+// rows of the token (lane k holds slot k); slice 0 writes their weights and row_expert, the
+// plan entries combine reads, and, for this rank's own tokens, the first row on every
+// destination; every slice then copies its columns of the staged row into each of the
+// token's rows here (slice 0 also the scales). Returns false if a wait timed out.
 __device__ bool place_staged_rows(const DispatchParams& p, uint64_t call, int parity, const PlanTables& tb, int warp,
                                   int warps, int lane, uint32_t& overflow) {
   const Sizes& s = p.sizes;
@@ -105,9 +130,17 @@ __device__ bool place_staged_rows(const DispatchParams& p, uint64_t call, int pa
   float* scales = at<float>(p.local, p.off.scales);
   int max_n = 0;
   for (int r = 0; r < W; ++r) max_n = max(max_n, *routing_slot(p.local, s, p.off, parity, r).n);
+  const int64_t pairs = (int64_t)max_n * W;
+  const int64_t warps_per_pair = warps / (pairs > 0 ? pairs : 1);
+  const int slices = warps_per_pair < 1 ? 1 : warps_per_pair > kMaxPlaceSlices ? kMaxPlaceSlices
+                                                                                : static_cast<int>(warps_per_pair);
+  const int64_t vectors = s.row_bytes / 16, slice_vectors = (vectors + slices - 1) / slices;
 
-  for (int64_t item = warp; item < (int64_t)max_n * W; item += warps) {
-    const int t = static_cast<int>(item / W), source = static_cast<int>(item % W);
+  for (int64_t item = warp; item < pairs * slices; item += warps) {
+    const int64_t pair = item / slices;
+    const int slice = static_cast<int>(item % slices);
+    const bool first_slice = slice == 0;
+    const int t = static_cast<int>(pair / W), source = static_cast<int>(pair % W);
     const RoutingSlotView slot = routing_slot(p.local, s, p.off, parity, source);
     if (t >= *slot.n) continue;
     const int64_t cell = ((int64_t)source * T + t) * K;
@@ -118,18 +151,19 @@ __device__ bool place_staged_rows(const DispatchParams& p, uint64_t call, int pa
       const int32_t j = tb.before_here[source * L + e] +
                         rank_in_mask(tb.masks_here + (int64_t)(source * L + e) * tb.words, t);
       row = row_slot(s, tb.written, tb.offsets, s.rank, e, j);
-      if (row < 0) {
-        ++overflow;
-      } else {
+      if (first_slice && row < 0) ++overflow;
+      if (first_slice && row >= 0) {
         weights_out[row] = slot.weights[(int64_t)t * K + lane];
         row_expert[row] = e;
       }
     }
-    if (lane < K) row_of[cell + lane] = row;
-    const int32_t first = __reduce_min_sync(0xffffffffu, row >= 0 ? row : INT_MAX);
-    if (lane == 0) first_row[(int64_t)source * T + t] = first == INT_MAX ? -1 : first;
+    if (first_slice) {
+      if (lane < K) row_of[cell + lane] = row;
+      const int32_t first = __reduce_min_sync(0xffffffffu, row >= 0 ? row : INT_MAX);
+      if (lane == 0) first_row[(int64_t)source * T + t] = first == INT_MAX ? -1 : first;
+    }
 
-    if (source == s.rank) {  // as sender: the first row of token t on every destination
+    if (first_slice && source == s.rank) {  // as sender: the first row of token t on every destination
       int dest = -1;
       int32_t sent = -1;
       if (g >= 0) {
@@ -149,14 +183,32 @@ __device__ bool place_staged_rows(const DispatchParams& p, uint64_t call, int pa
                             kPhaseDispatchPayload, source)) {
       return false;
     }
+    // The slice's columns of the staged row are loaded once per round of kExpandUnroll
+    // vectors a lane, then stored into every row of the token here.
+    const int64_t begin = min(vectors, slice * slice_vectors), end = min(vectors, begin + slice_vectors);
     const char* staged = staged_row(p.local, s, p.off, parity, source, t);
-    for (; filled; filled &= filled - 1) {
-      const int32_t to = __shfl_sync(0xffffffffu, row, __ffs(filled) - 1);
-      warp_copy<false, kExpandUnroll>(hidden + to * s.row_bytes, staged, s.row_bytes, lane);
-      if (s.scale_cols) {
-        warp_copy_words(scales + (int64_t)to * s.scale_cols, reinterpret_cast<const float*>(staged + s.row_bytes),
-                        s.scale_cols, lane);
+    const int4* src = reinterpret_cast<const int4*>(staged);
+    for (int64_t base = begin; base < end; base += 32 * kExpandUnroll) {  // warp-uniform
+      int4 buf[kExpandUnroll];
+#pragma unroll
+      for (int u = 0; u < kExpandUnroll; ++u) {
+        const int64_t v = base + 32 * u + lane;
+        if (v < end) buf[u] = ptx::ld_global_v4(src + v);
       }
+      for (uint32_t rows = filled; rows; rows &= rows - 1) {
+        const int32_t to = __shfl_sync(0xffffffffu, row, __ffs(rows) - 1);
+        int4* dst = reinterpret_cast<int4*>(hidden + (int64_t)to * s.row_bytes);
+#pragma unroll
+        for (int u = 0; u < kExpandUnroll; ++u) {
+          const int64_t v = base + 32 * u + lane;
+          if (v < end) ptx::st_global_v4(dst + v, buf[u]);
+        }
+      }
+    }
+    for (; first_slice && s.scale_cols && filled; filled &= filled - 1) {
+      const int32_t to = __shfl_sync(0xffffffffu, row, __ffs(filled) - 1);
+      warp_copy_words(scales + (int64_t)to * s.scale_cols, reinterpret_cast<const float*>(staged + s.row_bytes),
+                      s.scale_cols, lane);
     }
   }
   return true;
