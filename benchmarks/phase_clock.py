@@ -37,8 +37,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 MARKS = 8  # csrc/common/phase_clock.cuh, kMarks
-DISPATCH_MARKS = ("entered", "routing published", "rows staged", "routing arrived", "plan built", "rows placed",
-                  "exited")
+DISPATCH_MARKS = ("entered", "routing published", "rows staged", "routing arrived", "plan built", "rows cleared",
+                  "rows placed", "exited")
 COMBINE_MARKS = ("entered", "partials free", "reduced", "gathered", "exited")
 DISPATCH_KERNEL, COMBINE_KERNEL = 0, 1  # hep_phase_clock_read's kernel argument
 

@@ -22,6 +22,7 @@ constexpr int kVectors = 4;
 constexpr int kTermsInFlight = 4;
 constexpr int kMaxGatherSlices = 8;  // gather_tokens: column slices per token at small n
 constexpr int kMaxReduceSlices = 8;  // reduce_tokens: column slices per chunk at small n
+static_assert(kMarkCombineExited < phase_clock::kMarks, "every phase mark has a slot");
 
 struct Float8 {
   float v[8];

@@ -15,6 +15,7 @@ constexpr int kWarps = kCopyWarps;
 static_assert(kMaxRanks <= kThreads, "a block's threads publish to and wait for one peer each");
 static_assert(kMaxTopK <= 32, "a warp holds a token's slots one per lane");
 static_assert(kMaxRanks <= 64, "a token's destinations are tested one rank per item, send_row per rank");
+static_assert(kMarkDispatchExited < phase_clock::kMarks, "every phase mark has a slot");
 
 // Block 0 publishes the routing; the other blocks' warps stage rows (block 0 too when it
 // is the only one).
@@ -56,6 +57,7 @@ __device__ bool receive_half(const DispatchParams& p, uint64_t call, int parity)
   if (blockIdx.x == 0) ll::write_counts(p, parity, tb);
   const int warp = blockIdx.x * kWarps + threadIdx.x / 32, warps = gridDim.x * kWarps, lane = threadIdx.x % 32;
   ll::clear_unfilled_rows(p, tb, warp, warps, lane);
+  if (lane == 0) phase_clock::mark(kMarkDispatchRowsCleared);
   uint32_t overflow = 0;
   const bool ok = ll::place_staged_rows(p, call, parity, tb, warp, warps, lane, overflow);
   if (lane == 0) phase_clock::mark(kMarkDispatchRowsPlaced);

@@ -54,6 +54,7 @@ enum LowLatencyDispatchMark : int {
   kMarkDispatchRowsStaged,       // a staging warp wrote its last row
   kMarkDispatchRoutingArrived,   // a block saw every source's routing
   kMarkDispatchPlanBuilt,        // a block built its plan tables
+  kMarkDispatchRowsCleared,      // a warp cleared its last unfilled row
   kMarkDispatchRowsPlaced,       // a warp copied its last staged row
   kMarkDispatchExited,           // a block ended the call
 };
