@@ -175,7 +175,7 @@ def worker(rank: int, args) -> None:
     torch.cuda.set_device(device)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=rank, world_size=args.ranks)
     lib = profiling_library()  # (the warm-up replays' reads clear what construction's tuning marked)
-    timer = Timer(device, samples=1)
+    timer = Timer(device, samples=1, flush_l2=args.flush_l2)
     summaries = []
     for n in args.tokens:
         gathered = profile_one_n(args, n, device, lib, timer)
@@ -202,6 +202,8 @@ def main() -> None:
     parser.add_argument("--replays", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--json", help="also write the summaries here")
+    parser.add_argument("--no-l2-flush", dest="flush_l2", action="store_false",
+                        help="start replays without flushing the L2 (the default flushes it, as the benchmark does)")
     args = parser.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

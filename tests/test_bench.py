@@ -36,6 +36,7 @@ def test_bench_runs_on_cpu(tmp_path):
     data = json.loads(out.read_text())
     meta = data["meta"]
     assert meta["ranks"] == 2 and meta["torch"] and meta["setup"] == "cpu" and meta["process_group"] == "gloo"
+    assert meta["l2_flush"] is True and "warm L2" not in done.stdout
     assert "say nothing about speed" in meta["label"] and not meta["shared_gpu"]
     records = [r for r in data["records"] if r["config"] != "nvlink"]
     ops = {(r["impl"], r["op"], r["dtype"]) for r in records}
@@ -56,7 +57,8 @@ def test_cpu_decode_is_shrunk_quick_and_shows_progress(tmp_path):
     configuration is shrunk (named decode-cpu), progress is printed, and it takes seconds."""
     out = tmp_path / "bench.json"
     began = time.monotonic()
-    done = _bench("--config", "decode", "--dtype", "bf16", "--routing", "uniform", "--cpu", "--json", str(out))
+    done = _bench("--config", "decode", "--dtype", "bf16", "--routing", "uniform", "--cpu", "--no-l2-flush",
+                  "--json", str(out))
     elapsed = time.monotonic() - began
     assert done.returncode == 0, done.stderr[-3000:]
     assert elapsed < 90, f"the CPU decode run took {elapsed:.0f} s"
@@ -66,6 +68,7 @@ def test_cpu_decode_is_shrunk_quick_and_shows_progress(tmp_path):
     assert any(line.startswith("[5/5] decode-cpu bf16 uniform n=256") for line in lines), done.stdout
     data = json.loads(out.read_text())
     assert data["meta"]["configs"] == ["decode-cpu"] and data["meta"]["samples"] == 5
+    assert data["meta"]["l2_flush"] is False and "GPU samples start with a warm L2 (--no-l2-flush)" in done.stdout
     assert {r["tokens"] for r in data["records"]} == {1, 8, 32, 128, 256}
 
 

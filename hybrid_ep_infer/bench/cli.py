@@ -105,6 +105,8 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=None,
                    help="timed samples per measurement (default 50 on GPUs, 5 on the CPU; >= 50 for the median/p99)")
     p.add_argument("--num-sms", type=int, default=None, help="blocks per copy kernel (default: the library's)")
+    p.add_argument("--no-l2-flush", dest="flush_l2", action="store_false",
+                   help="start GPU samples without flushing the L2 (the default flushes it before each sample)")
     p.add_argument("--json", type=str, default=None, help="write every number here")
     p.add_argument("--plot", type=str, default=None, help=f"write a PNG of every measured series (needs matplotlib: "
                                                           f"{PLOT_EXTRA})")

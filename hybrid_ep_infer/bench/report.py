@@ -51,6 +51,8 @@ def print_table(records: list[dict], meta: dict) -> None:
         print(f"left out: {item['what']}: {item['reason']}")
     if meta.get("sample_barrier"):
         print(f"each sample starts after a {meta['sample_barrier']}")
+    if meta.get("l2_flush") is False:
+        print("GPU samples start with a warm L2 (--no-l2-flush)")
     for link in links:
         print(f"NVLink pair copy, both directions at once, {link['impl']}: "
               f"{link['gbps_per_direction']:.0f} GB/s each way")

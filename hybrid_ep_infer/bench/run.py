@@ -254,8 +254,8 @@ def run_all(args, device) -> tuple[list[dict], dict]:
 
     rank, W = dist.get_rank(), dist.get_world_size()
     began = time.monotonic()
-    timer = Timer(device, samples=args.samples)
-    notes = {"sample_barrier": timer.barrier}
+    timer = Timer(device, samples=args.samples, flush_l2=args.flush_l2)
+    notes = {"sample_barrier": timer.barrier, "l2_flush": args.flush_l2}
     # Shared GPUs: no NVLink between ranks to measure, and NCCL would refuse the group.
     rates = {} if args.setup == "shared_gpu" else nvlink_rates_per_direction(device)
     rate = max(rates.values()) if rates else None  # the floor uses the faster method

@@ -1,5 +1,6 @@
-"""One sample = one call (or graph replay) timed on every rank after an L2 flush and a
-device barrier; the sample's time is the slowest rank's. We report the median and the p99.
+"""One sample = one call (or graph replay) timed on every rank after an L2 flush (unless
+``flush_l2`` is off) and a device barrier; the sample's time is the slowest rank's. We
+report the median and the p99.
 
 The barrier runs on the GPUs, so every GPU starts the timed call at nearly the same
 moment; a short GPU sleep after it keeps each GPU busy while the host enqueues the call.
@@ -126,7 +127,8 @@ class Timer:
     a collective over ``group`` when it is a gloo group on GPUs (the stream barrier);
     :meth:`close` then is too."""
 
-    def __init__(self, device: torch.device, samples: int, warmup: int | None = None, group=None):
+    def __init__(self, device: torch.device, samples: int, warmup: int | None = None, group=None,
+                 flush_l2: bool = True):
         self.device = device
         self.samples = samples
         self.cuda = device.type == "cuda"
@@ -134,8 +136,9 @@ class Timer:
         self.group = group
         # NCCL reduces CUDA tensors; gloo (the CPU, and ranks sharing a GPU) CPU tensors.
         self.nccl = dist.get_backend(group) == "nccl"
-        # Larger than any L2 (50-60 MB on H100/H200), rewritten before every sample.
-        self._flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device) if self.cuda else None
+        # Larger than any L2 (50-60 MB on H100/H200), rewritten before every sample. Without it
+        # (flush_l2=False) a sample finds the kernels' code and data as the previous one left them.
+        self._flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device) if self.cuda and flush_l2 else None
         self._barrier = torch.zeros(1, dtype=torch.float32, device=device) if self.cuda and self.nccl else None
         self._stream_barrier = None
         if not self.cuda:
@@ -159,10 +162,12 @@ class Timer:
             self._stream_barrier = None
 
     def start_sample(self) -> None:
-        """What comes before each timed CUDA sample: a host sync, the L2 flush, the device
-        barrier and a GPU sleep (benchmarks/breakdown.py --bench-method profiles after it)."""
+        """What comes before each timed CUDA sample: a host sync, the L2 flush (unless
+        ``flush_l2`` is off), the device barrier and a GPU sleep (benchmarks/breakdown.py
+        --bench-method profiles after it)."""
         torch.cuda.synchronize(self.device)  # nothing of the previous sample in flight
-        self._flush.zero_()
+        if self._flush is not None:
+            self._flush.zero_()
         if self._barrier is not None:
             dist.all_reduce(self._barrier, group=self.group)  # device barrier: the stream waits, the host does not
         elif self._stream_barrier is not None:
