@@ -1,13 +1,18 @@
 // Combine with fused unpermute (docs/SPEC.md section 4): one kernel, two warp roles (or,
 // split into a send and a receive half, one launch per role).
 //
-//   reduce   on each destination, per received token: the fp32 sum over ascending k
-//            of fp32(w * y) (or fp32(y)), separate multiply and add, rounded once to
-//            bf16, written over NVLink into the source's partials; then, per chunk of
-//            tokens, the release of that chunk's flag on the source.
-//   gather   on each source, per token: once the chunk flag of every destination with
-//            rows of it is acquired, the fp32 sum of its bf16 partials in ascending
-//            destination rank, rounded once; +0.0 for rows >= n and tokens with no rows.
+//   reduce   (combine_reduce.cuh) on each destination, per received token: the fp32 sum
+//            over ascending k of fp32(w * y) (or fp32(y)), separate multiply and add,
+//            rounded once to bf16, written over NVLink into the source's partials; then,
+//            per chunk of tokens, the release of that chunk's flag on the source.
+//   gather   (combine_gather.cuh) on each source, per token: once the chunk flag of every
+//            destination with rows of it is acquired, the fp32 sum of its bf16 partials in
+//            ascending destination rank, rounded once; +0.0 for rows >= n and tokens with
+//            no rows.
+//
+// Both sum with combine_sum.cuh. Where a role's items are fewer than its warps, an item's
+// columns are split across up to 8 warps (column slices); each column still gets the same
+// terms in the same order.
 //
 // Rows come from the plan of the matching dispatch (row_of, first_row, send_row). A
 // rank with no rows of a token writes no partial for it; the source skips it, which
