@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 from collections import defaultdict
 
 import torch
@@ -256,9 +255,9 @@ def main() -> None:
     if args.rank is not None:
         worker(args.rank, args)
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        args.port = s.getsockname()[1]
+    from hybrid_ep_infer.bench import free_port
+
+    args.port = free_port()
     mp.spawn(worker, args=(args,), nprocs=args.ranks, join=True)
 
 

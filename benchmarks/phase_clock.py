@@ -28,7 +28,6 @@ import argparse
 import ctypes
 import json
 import os
-import socket
 import statistics
 import sys
 
@@ -205,9 +204,9 @@ def main() -> None:
     parser.add_argument("--no-l2-flush", dest="flush_l2", action="store_false",
                         help="start replays without flushing the L2 (the default flushes it, as the benchmark does)")
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        args.port = s.getsockname()[1]
+    from hybrid_ep_infer.bench import free_port
+
+    args.port = free_port()
     mp.spawn(worker, args=(args,), nprocs=args.ranks, join=True)
 
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import sys
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from hybrid_ep_infer.bench import free_port
 from hybrid_ep_infer.placement import gpu_for_rank
 
 SHARE_GPU_ENV = "HYBRID_EP_INFER_TEST_SHARE_GPU"
@@ -104,12 +104,6 @@ def rank_device(rank: int) -> torch.device:
 def gpu_backend() -> str:
     """The process group of GPU tests: NCCL with one rank per GPU, gloo where ranks share one."""
     return "gloo" if ranks_share_gpus() else "nccl"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank: int, world_size: int, port: int, backend: str, worker, args) -> None:

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import platform
-import socket
 import subprocess
 import sys
 import warnings
@@ -31,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from . import free_port
 from .configs import CONFIGS, CPU_DEFAULT, GPU_DEFAULT, OPS, for_cpu
 from .report import PLOT_EXTRA, print_table, write_plot
 
@@ -240,7 +240,4 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     announce(args)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(args, port), nprocs=args.ranks, join=True)
+    mp.spawn(worker, args=(args, free_port()), nprocs=args.ranks, join=True)
