@@ -4,13 +4,12 @@
 
 #include <cstdint>
 
+#include "common/column_slices.cuh"
 #include "common/ptx.cuh"
 #include "common/wait.cuh"
 #include "kernels/combine_sum.cuh"
 
 namespace hep::combining {
-
-constexpr int kMaxGatherSlices = 8;  // gather_tokens: column slices per token at small n
 
 // The stale-combine check for token t of this rank (every lane calls it): its row of
 // p.topk_idx, sanitized by the rule of routing_rules.cuh (lane k holds slot k: ids
@@ -52,7 +51,7 @@ __device__ __noinline__ void check_routing(const CombineParams& p, int n, int wa
 // Gather role. Items (token t of this rank, column slice), t-major: once the chunk of t
 // from every destination with rows of t is here, the slice's columns of their sum in
 // ascending destination rank (ranks without rows of t wrote none: skipping them equals
-// adding +0.0). A token is split into up to kMaxGatherSlices slices, one warp each, where
+// adding +0.0). A token is split into up to kMaxColumnSlices slices, one warp each, where
 // the tokens are fewer than the warps (small n: one warp per token was most of the
 // gather's time). Returns false if a wait timed out.
 __device__ bool gather_tokens(const CombineParams& p, uint64_t combine, int warp, int warps, int lane) {
@@ -66,14 +65,11 @@ __device__ bool gather_tokens(const CombineParams& p, uint64_t combine, int warp
   __shared__ const int4* warp_terms[kWarps][kMaxRanks];
   const int4** terms = warp_terms[threadIdx.x / 32];
   if (p.topk_idx != nullptr) check_routing(p, n, warp, warps, lane);
-  const int warps_per_token = warps / (p.num_rows > 0 ? p.num_rows : 1);
-  const int slices = warps_per_token < 1 ? 1 : min(warps_per_token, kMaxGatherSlices);
-  const int slice_vectors = (vectors + slices - 1) / slices;
+  const ColumnSlices<int> slices = column_slices(p.num_rows, warps, vectors);
 
-  for (int64_t item = warp; item < (int64_t)p.num_rows * slices; item += warps) {
-    const int t = static_cast<int>(item / slices);
-    const int begin = min(vectors, static_cast<int>(item % slices) * slice_vectors);
-    const int end = min(vectors, begin + slice_vectors);
+  for (int64_t item = warp; item < (int64_t)p.num_rows * slices.count; item += warps) {
+    const int t = static_cast<int>(item / slices.count);
+    const auto [begin, end] = slices[static_cast<int>(item % slices.count)];
     int count = 0;
     __syncwarp();
     for (int base = 0; base < W; base += 32) {

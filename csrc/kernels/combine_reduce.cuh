@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "common/column_slices.cuh"
 #include "common/ptx.cuh"
 #include "common/wait.cuh"
 #include "kernels/combine_sum.cuh"
@@ -11,13 +12,11 @@
 
 namespace hep::combining {
 
-constexpr int kMaxReduceSlices = 8;  // reduce_tokens: column slices per chunk at small n
-
 // Reduce role. Items (chunk c, source, column slice) in chunk-major order, sources rotated
 // from rank + 1: per received token of the chunk, the slice's columns of the bf16 partial
 // written into the source's partials; then one release of the chunk's flag there if any
 // token of it had rows here, by the last of the chunk's slices to finish (a count per
-// chunk in reduce_slices_done). A chunk is split into up to kMaxReduceSlices slices where
+// chunk in reduce_slices_done). A chunk is split into up to kMaxColumnSlices slices where
 // the items are fewer than the warps (small n: one warp per token was most of the
 // reduce's time). A source on another node gets each partial summed here, then put with
 // the chunk's flag as the signal (chunks of one token there: hep_context_attach); those
@@ -39,17 +38,15 @@ __device__ void reduce_tokens(const CombineParams& p, uint64_t combine, int warp
   for (int r = 0; r < W; ++r) max_n = max(max_n, src_tokens[r]);
   const int chunks = (max_n + C - 1) / C;
   const int64_t pairs = (int64_t)chunks * W;
-  const int64_t warps_per_pair = warps / (pairs > 0 ? pairs : 1);
-  const int slices = s.spans_nodes() || warps_per_pair < 1 ? 1
-                     : warps_per_pair > kMaxReduceSlices ? kMaxReduceSlices : static_cast<int>(warps_per_pair);
-  const int slice_vectors = (vectors + slices - 1) / slices;
+  const ColumnSlices<int> slices =
+      column_slices(static_cast<int>(pairs), warps, vectors, s.spans_nodes() ? 1 : kMaxColumnSlices);
   uint32_t* slices_done = at<uint32_t>(p.local, p.off.reduce_slices_done);
 
-  for (int64_t item = warp; item < pairs * slices; item += warps) {
-    const int64_t pair = item / slices;
+  for (int64_t item = warp; item < pairs * slices.count; item += warps) {
+    const int64_t pair = item / slices.count;
     const int c = static_cast<int>(pair / W), source = (s.rank + 1 + static_cast<int>(pair % W)) % W;
-    const int begin = min(vectors, static_cast<int>(item % slices) * slice_vectors);
-    const int columns = min(vectors, begin + slice_vectors) - begin;
+    const auto [begin, end_column] = slices[static_cast<int>(item % slices.count)];
+    const int columns = end_column - begin;
     const int end = min(src_tokens[source], (c + 1) * C);
     bool wrote = false;
     for (int t = c * C; t < end; ++t) {
@@ -79,13 +76,13 @@ __device__ void reduce_tokens(const CombineParams& p, uint64_t combine, int warp
       sum_rows<true>(dst, rows, row_weights, __popc(valid), p.weighted, columns, lane);
     }
     if (!wrote || s.across_nodes(source)) continue;  // the same in every lane
-    if (slices > 1) {  // the last slice to finish the chunk releases its flag
+    if (slices.count > 1) {  // the last slice to finish the chunk releases its flag
       __syncwarp();
       bool last = false;
       if (lane == 0) {
         uint32_t* done = slices_done + (int64_t)source * T + c;
         ptx::fence_acq_rel_sys();  // this slice's partials before its count: the release below covers them
-        last = atomicAdd(done, 1u) == static_cast<uint32_t>(slices - 1);
+        last = atomicAdd(done, 1u) == static_cast<uint32_t>(slices.count - 1);
         if (last) {
           *done = 0;  // for the next combine (a later kernel)
           ptx::fence_acq_rel_sys();  // every other slice's partials before the release below

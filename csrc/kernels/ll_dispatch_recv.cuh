@@ -7,6 +7,7 @@
 
 #include "common/ptx.cuh"
 #include "common/wait.cuh"
+#include "common/column_slices.cuh"
 #include "common/warp_copy.cuh"
 #include "kernels/dispatch.cuh"
 #include "kernels/ll_dispatch_send.cuh"
@@ -15,10 +16,6 @@
 namespace hep::ll {
 
 constexpr int kExpandUnroll = 8;  // as the planned dispatch's local copies
-// A (token, source) item's row copies split into at most this many column slices, one warp
-// each, where the items are fewer than the warps (small n: one warp copying a token's
-// rows one after another was most of the receive's time).
-constexpr int kMaxPlaceSlices = 8;
 static_assert(kMaxRanks <= 64, "the plan build's scan gives each lane of one warp two sources");
 
 // The plan tables each receiving block builds in shared memory, from every source's
@@ -131,14 +128,11 @@ __device__ bool place_staged_rows(const DispatchParams& p, uint64_t call, int pa
   int max_n = 0;
   for (int r = 0; r < W; ++r) max_n = max(max_n, *routing_slot(p.local, s, p.off, parity, r).n);
   const int64_t pairs = (int64_t)max_n * W;
-  const int64_t warps_per_pair = warps / (pairs > 0 ? pairs : 1);
-  const int slices = warps_per_pair < 1 ? 1 : warps_per_pair > kMaxPlaceSlices ? kMaxPlaceSlices
-                                                                                : static_cast<int>(warps_per_pair);
-  const int64_t vectors = s.row_bytes / 16, slice_vectors = (vectors + slices - 1) / slices;
+  const ColumnSlices<int64_t> slices = column_slices<int64_t>(pairs, warps, s.row_bytes / 16);
 
-  for (int64_t item = warp; item < pairs * slices; item += warps) {
-    const int64_t pair = item / slices;
-    const int slice = static_cast<int>(item % slices);
+  for (int64_t item = warp; item < pairs * slices.count; item += warps) {
+    const int64_t pair = item / slices.count;
+    const int slice = static_cast<int>(item % slices.count);
     const bool first_slice = slice == 0;
     const int t = static_cast<int>(pair / W), source = static_cast<int>(pair % W);
     const RoutingSlotView slot = routing_slot(p.local, s, p.off, parity, source);
@@ -185,7 +179,7 @@ __device__ bool place_staged_rows(const DispatchParams& p, uint64_t call, int pa
     }
     // The slice's columns of the staged row are loaded once per round of kExpandUnroll
     // vectors a lane, then stored into every row of the token here.
-    const int64_t begin = min(vectors, slice * slice_vectors), end = min(vectors, begin + slice_vectors);
+    const auto [begin, end] = slices[slice];
     const char* staged = staged_row(p.local, s, p.off, parity, source, t);
     const int4* src = reinterpret_cast<const int4*>(staged);
     for (int64_t base = begin; base < end; base += 32 * kExpandUnroll) {  // warp-uniform
