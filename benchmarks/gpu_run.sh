@@ -136,6 +136,7 @@ run_ceiling() {
 run_phase_clock() {
   local lib=${PHASE_CLOCK_LIB:-build-clock/libhybrid_ep_infer.so} status=0 w  # PHASE_CLOCK_LIB: another profiling build
   if [ ! -f "$lib" ]; then
+    [ -z "${PHASE_CLOCK_LIB:-}" ] || { echo "PHASE_CLOCK_LIB=$lib: no such file"; return 1; }
     cmake -S . -B build-clock -G Ninja -DHEP_PHASE_CLOCK=ON -DHEP_MULTINODE=OFF >/dev/null && cmake --build build-clock ||
       return 1
   fi
