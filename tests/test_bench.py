@@ -474,7 +474,7 @@ def test_phase_clock_tables():
         return out
 
     def replay(shift, rank1_late):
-        # Rank 0 enters the dispatch at `shift`, rank 1 `rank1_late` ns later; exits 7 marks in.
+        # Rank 0 enters the dispatch at `shift`, rank 1 `rank1_late` ns later; each passes its first 7 marks.
         d0 = marks([shift + 1000 * m for m in range(7)], [shift + 1000 * m + 500 for m in range(7)])
         d1 = marks([shift + rank1_late + 1000 * m for m in range(7)],
                    [shift + rank1_late + 1000 * m + 500 for m in range(7)])
