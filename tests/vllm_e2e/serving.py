@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,13 +19,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from hybrid_ep_infer.bench import free_port
+
 SITE_DIR = Path(__file__).resolve().parent / "pythonpath"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
