@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 
-import hybrid_ep_infer
 from hybrid_ep_infer.bench import cli, report
 
 REQUIRED = {"config", "op", "dtype", "tokens", "ranks", "mode", "time_us", "floor_us", "ratio_to_floor", "impl",
             "setup"}
-ROOT = Path(hybrid_ep_infer.__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository (benchmarks/, csrc/)
 SHARED = "ranks share one GPU under MPS: launch and protocol cost, not NVLink bandwidth"
 
 
@@ -269,8 +268,7 @@ def _load_benchmark_script(name: str):
     """benchmarks/<name>.py as a module (a script, not part of the package)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     return script
@@ -373,13 +371,12 @@ def test_nvlink_ceiling_tool_compiles(tmp_path):
 
     import pytest
 
-    root = Path(__file__).resolve().parent.parent
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not found")
     done = subprocess.run([nvcc, "-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Icsrc",
                            "-Icsrc/include", "benchmarks/nvlink_ceiling.cu", "-o", str(tmp_path / "nvlink_ceiling")],
-                          capture_output=True, text=True, timeout=600, cwd=root)
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "nvlink_ceiling").stat().st_size > 0
 
@@ -443,14 +440,13 @@ def test_phase_clock_build_compiles(tmp_path):
 
     import pytest
 
-    root = Path(__file__).resolve().parent.parent
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not found")
     flags = ["-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "--expt-relaxed-constexpr",
              "-DHEP_PHASE_CLOCK=1", "-Icsrc", "-Icsrc/include"]
     sources = ["csrc/kernels/ll_dispatch.cu", "csrc/kernels/combine.cu", "csrc/api.cpp"]
-    jobs = [subprocess.Popen([nvcc, *flags, "-c", src, "-o", str(tmp_path / f"{i}.o")], cwd=root,
+    jobs = [subprocess.Popen([nvcc, *flags, "-c", src, "-o", str(tmp_path / f"{i}.o")], cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for i, src in enumerate(sources)]
     for src, job in zip(sources, jobs):
