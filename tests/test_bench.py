@@ -5,6 +5,7 @@ out; the plot shows every measured series. GPU paths are checked here through th
 argument handling, labels and stand-ins (no GPU on the CI machine)."""
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -367,10 +368,6 @@ def test_stream_barrier_addresses(monkeypatch):
 def test_nvlink_ceiling_tool_compiles(tmp_path):
     """benchmarks/nvlink_ceiling.cu (run by `gpu_run.sh ceiling` on GPU machines) still builds
     against csrc/common: compiled here with nvcc, as gpu_run.sh compiles it there."""
-    import shutil
-
-    import pytest
-
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not found")
@@ -436,10 +433,6 @@ def test_phase_clock_build_compiles(tmp_path):
     """The profiling build's sources (cmake -DHEP_PHASE_CLOCK=ON: the marks of
     csrc/common/phase_clock.cuh and hep_phase_clock_read) still compile; benchmarks/
     phase_clock.py runs it on GPU machines only."""
-    import shutil
-
-    import pytest
-
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not found")
