@@ -2,6 +2,9 @@
 
 import ctypes
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,6 +89,52 @@ def test_workspace_layout_matches_the_memory_formula():
     desc.ranks_per_node = 2  # other nodes are reached only by the multi-node library
     with pytest.raises(_native.NativeError, match="multi-node library"):
         _native.workspace_layout(desc)
+
+
+# Prints the low-latency receive's shared memory (ll_receive_shared_bytes) for each
+# (world_size, num_experts, max_tokens) triple of its arguments, from the kernels' own header.
+PLAN_TABLE_PROBE = r"""
+#include <cstdio>
+#include <cstdlib>
+#include "kernels/ll_dispatch_recv.cuh"
+int main(int argc, char** argv) {
+  for (int i = 1; i + 2 < argc; i += 3) {
+    hep_buffer_desc_t d{};
+    d.world_size = atoi(argv[i]);
+    d.num_experts = atoi(argv[i + 1]);
+    d.max_tokens = atoi(argv[i + 2]);
+    d.top_k = 8;
+    d.hidden = 128;
+    d.payload_bytes = 2;
+    d.low_latency = 1;
+    printf("%lld\n", (long long)(sizeof(int32_t) * hep::ll::plan_table_words(hep::make_sizes(d))));
+  }
+}
+"""
+
+
+def test_low_latency_plan_tables_match_python(tmp_path):
+    """backends/cuda.py decides whether a buffer gets the low-latency path by default from its
+    own copy of the receive's shared-memory size; the kernels' header computes it, compiled here."""
+    from hybrid_ep_infer.backends.cuda import low_latency_plan_table_bytes
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / "probe.cu").write_text(PLAN_TABLE_PROBE)
+    built = subprocess.run([nvcc, "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-Icsrc", "-Icsrc/include",
+                            str(tmp_path / "probe.cu"), "-o", str(tmp_path / "probe")],
+                           capture_output=True, text=True, timeout=600, cwd=root)
+    assert built.returncode == 0, built.stderr[-3000:]
+    shapes = [(2, 16, 1), (2, 16, 128), (4, 32, 1000), (8, 256, 256), (64, 64, 1024), (3, 9, 33)]
+    printed = subprocess.run([str(tmp_path / "probe"), *(str(v) for shape in shapes for v in shape)],
+                             capture_output=True, text=True, timeout=60, check=True).stdout.split()
+    assert len(printed) == len(shapes)
+    for (W, E, T), c_bytes in zip(shapes, printed):
+        config = BufferConfig.create(rank=0, world_size=W, hidden=128, max_tokens=T, num_experts=E, top_k=min(8, E),
+                                     dtype=torch.bfloat16, layout="contiguous", pad_multiple=1, capacity=None)
+        assert low_latency_plan_table_bytes(config) == int(c_bytes), (W, E, T)
 
 
 def test_multinode_workspace_matches_the_memory_formula():
