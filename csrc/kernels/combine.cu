@@ -2,6 +2,7 @@
 // gather role (combine_gather.cuh) in one launch, or one role per launch (the split halves).
 #include "common/phase_clock.cuh"
 #include "common/ptx.cuh"
+#include "common/spread_warps.cuh"
 #include "common/wait.cuh"
 #include "kernels/combine.cuh"
 #include "kernels/combine_gather.cuh"
@@ -29,7 +30,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const __grid_constant
   bool ok = !__syncthreads_or(threadIdx.x == 0 && timed_out_before(wait_context(p)));
   if (ok && p.roles == kCombineReduce && p.topk_idx != nullptr) {  // the send half checks the routing
     const int n = at<const int32_t>(p.local, p.off.src_tokens)[s.rank];
-    combining::check_routing(p, n, blockIdx.x * kWarps + warp, gridDim.x * kWarps, lane);
+    combining::check_routing(p, n, spread_warp(warp), gridDim.x * kWarps, lane);
   }
   if (ok && (p.roles & kCombineReduce)) {
     // Partials alternate between two halves by combine parity: before writing this half
@@ -43,11 +44,10 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const __grid_constant
     const int reduce_warps = p.roles == kCombineBoth ? p.reduce_warps : p.roles == kCombineReduce ? kWarps : 0;
     const int gather_warps = kWarps - reduce_warps;
     if (warp < reduce_warps) {
-      combining::reduce_tokens(p, combine, blockIdx.x * reduce_warps + warp, gridDim.x * reduce_warps, lane);
+      combining::reduce_tokens(p, combine, spread_warp(warp), gridDim.x * reduce_warps, lane);
       if (lane == 0) phase_clock::mark(kMarkCombineReduced);
     } else {
-      ok = combining::gather_tokens(p, combine, blockIdx.x * gather_warps + warp - reduce_warps,
-                                    gridDim.x * gather_warps, lane);
+      ok = combining::gather_tokens(p, combine, spread_warp(warp - reduce_warps), gridDim.x * gather_warps, lane);
       if (lane == 0) phase_clock::mark(kMarkCombineGathered);
     }
   }

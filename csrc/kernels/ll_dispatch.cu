@@ -2,6 +2,7 @@
 // half, and both in one launch.
 #include "common/phase_clock.cuh"
 #include "common/ptx.cuh"
+#include "common/spread_warps.cuh"
 #include "common/wait.cuh"
 #include "kernels/ll_dispatch.cuh"
 #include "kernels/ll_dispatch_recv.cuh"
@@ -30,7 +31,7 @@ __device__ void send_half(const DispatchParams& p, uint64_t call, int parity) {
   int warp = threadIdx.x / 32, warps = kWarps;
   if (gridDim.x > 1) {
     if (blockIdx.x == 0) return;
-    warp += (blockIdx.x - 1) * kWarps;
+    warp = spread_warp(warp, 1);
     warps = (gridDim.x - 1) * kWarps;
   }
   if (p.sizes.spans_nodes()) {
@@ -55,7 +56,7 @@ __device__ bool receive_half(const DispatchParams& p, uint64_t call, int parity)
   ll::build_plan_tables(p, parity, tb);
   if (threadIdx.x == 0) phase_clock::mark(kMarkDispatchPlanBuilt);
   if (blockIdx.x == 0) ll::write_counts(p, parity, tb);
-  const int warp = blockIdx.x * kWarps + threadIdx.x / 32, warps = gridDim.x * kWarps, lane = threadIdx.x % 32;
+  const int warp = spread_warp(threadIdx.x / 32), warps = gridDim.x * kWarps, lane = threadIdx.x % 32;
   ll::clear_unfilled_rows(p, tb, warp, warps, lane);
   if (lane == 0) phase_clock::mark(kMarkDispatchRowsCleared);
   uint32_t overflow = 0;
