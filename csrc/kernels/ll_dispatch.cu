@@ -55,7 +55,7 @@ __device__ bool receive_half(const DispatchParams& p, uint64_t call, int parity)
   const ll::PlanTables tb = ll::carve_plan_tables(s, plan_shared);
   ll::build_plan_tables(p, parity, tb);
   if (threadIdx.x == 0) phase_clock::mark(kMarkDispatchPlanBuilt);
-  if (blockIdx.x == 0) ll::write_counts(p, parity, tb);
+  if (blockIdx.x == 0) ll::write_counts(p, tb);
   const int warp = spread_warp(threadIdx.x / 32), warps = gridDim.x * kWarps, lane = threadIdx.x % 32;
   ll::clear_unfilled_rows(p, tb, warp, warps, lane);
   if (lane == 0) phase_clock::mark(kMarkDispatchRowsCleared);

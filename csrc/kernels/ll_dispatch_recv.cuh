@@ -22,6 +22,7 @@ static_assert(kMaxRanks <= 64, "the plan build's scan gives each lane of one war
 // routing (n <= max_tokens = ll_tokens rows each):
 //   hist        [W][E]        rows per (source, global expert)
 //   written, offsets, before_here, before_mine: compute_placement's (placement.cuh)
+//   tokens      [W]           every source's n this call (its routing slot's, read once)
 //   masks_here  [W][L][words] bit t: source's token t has local expert e
 //   masks_own   [E][words]    bit t: this rank's token t has expert g
 // A slot's rank among its source's rows of an expert (docs/SPEC.md section 3: token
@@ -32,6 +33,7 @@ struct PlanTables {
   int32_t* offsets;
   int32_t* before_here;
   int32_t* before_mine;
+  int32_t* tokens;
   uint32_t* masks_here;
   uint32_t* masks_own;
   int words;
@@ -41,7 +43,7 @@ __host__ __device__ inline int mask_words(const Sizes& s) { return (s.ll_tokens 
 
 __host__ __device__ inline int64_t plan_table_words(const Sizes& s) {
   const int64_t W = s.world, E = s.num_experts, L = s.local_experts;
-  return W * E + W * L + W * (L + 1) + W * L + E + (W * L + E) * mask_words(s);
+  return W * E + W * L + W * (L + 1) + W * L + E + W + (W * L + E) * mask_words(s);
 }
 
 __device__ inline PlanTables carve_plan_tables(const Sizes& s, int32_t* shared) {
@@ -53,7 +55,8 @@ __device__ inline PlanTables carve_plan_tables(const Sizes& s, int32_t* shared) 
   tb.offsets = tb.written + W * L;
   tb.before_here = tb.offsets + W * (L + 1);
   tb.before_mine = tb.before_here + W * L;
-  tb.masks_here = reinterpret_cast<uint32_t*>(tb.before_mine + E);
+  tb.tokens = tb.before_mine + E;
+  tb.masks_here = reinterpret_cast<uint32_t*>(tb.tokens + W);
   tb.masks_own = tb.masks_here + (int64_t)W * L * tb.words;
   return tb;
 }
@@ -70,9 +73,12 @@ __device__ void build_plan_tables(const DispatchParams& p, int parity, const Pla
   for (int64_t i = threadIdx.x; i < ((int64_t)W * L + E) * tb.words; i += blockDim.x) tb.masks_here[i] = 0;
   if (threadIdx.x < 32) {  // an inclusive warp scan of n * K, two sources per lane (W <= 64)
     const int lane = threadIdx.x, a = 2 * lane, b = 2 * lane + 1;
-    const int32_t ca = a < W ? *routing_slot(p.local, s, p.off, parity, a).n * K : 0;
-    const int32_t cb = b < W ? *routing_slot(p.local, s, p.off, parity, b).n * K : 0;
-    int32_t sum = ca + cb;
+    const int32_t na = a < W ? *routing_slot(p.local, s, p.off, parity, a).n : 0;
+    const int32_t nb = b < W ? *routing_slot(p.local, s, p.off, parity, b).n : 0;
+    if (a < W) tb.tokens[a] = na;
+    if (b < W) tb.tokens[b] = nb;
+    const int32_t cb = nb * K;
+    int32_t sum = na * K + cb;
     for (int d = 1; d < 32; d *= 2) {
       const int32_t below = __shfl_up_sync(0xffffffffu, sum, d);
       if (lane >= d) sum += below;
@@ -126,7 +132,7 @@ __device__ bool place_staged_rows(const DispatchParams& p, uint64_t call, int pa
   char* hidden = at<char>(p.local, p.off.hidden);
   float* scales = at<float>(p.local, p.off.scales);
   int max_n = 0;
-  for (int r = 0; r < W; ++r) max_n = max(max_n, *routing_slot(p.local, s, p.off, parity, r).n);
+  for (int r = 0; r < W; ++r) max_n = max(max_n, tb.tokens[r]);
   const int64_t pairs = (int64_t)max_n * W;
   const ColumnSlices<int64_t> slices = column_slices<int64_t>(pairs, warps, s.row_bytes / 16);
 
@@ -135,8 +141,8 @@ __device__ bool place_staged_rows(const DispatchParams& p, uint64_t call, int pa
     const int slice = static_cast<int>(item % slices.count);
     const bool first_slice = slice == 0;
     const int t = static_cast<int>(pair / W), source = static_cast<int>(pair % W);
+    if (t >= tb.tokens[source]) continue;
     const RoutingSlotView slot = routing_slot(p.local, s, p.off, parity, source);
-    if (t >= *slot.n) continue;
     const int64_t cell = ((int64_t)source * T + t) * K;
     const int32_t g = lane < K ? slot.ids[(int64_t)t * K + lane] : -1;
     int32_t row = -1;
@@ -246,13 +252,13 @@ __device__ void clear_unfilled_rows(const DispatchParams& p, const PlanTables& t
 }
 
 // Block 0: the counts and offsets outputs, and every source's n (combine reads it).
-__device__ void write_counts(const DispatchParams& p, int parity, const PlanTables& tb) {
+__device__ void write_counts(const DispatchParams& p, const PlanTables& tb) {
   const Sizes& s = p.sizes;
   const int L = s.local_experts;
   int32_t* tokens_per_expert = at<int32_t>(p.local, p.off.tokens_per_expert);
   int32_t* src_tokens = at<int32_t>(p.local, p.off.src_tokens);
   for (int e = threadIdx.x; e < L; e += blockDim.x) tokens_per_expert[e] = tb.written[s.rank * L + e];
-  for (int r = threadIdx.x; r < s.world; r += blockDim.x) src_tokens[r] = *routing_slot(p.local, s, p.off, parity, r).n;
+  for (int r = threadIdx.x; r < s.world; r += blockDim.x) src_tokens[r] = tb.tokens[r];
   if (!s.batched) {
     int32_t* offsets_out = at<int32_t>(p.local, p.off.offsets);
     for (int e = threadIdx.x; e <= L; e += blockDim.x) offsets_out[e] = tb.offsets[s.rank * (L + 1) + e];

@@ -30,7 +30,7 @@ def low_latency_plan_table_bytes(config: BufferConfig) -> int:
     """Shared memory of the low-latency receive's plan tables (csrc/kernels/ll_dispatch_recv.cuh)."""
     W, E, L = config.world_size, config.num_experts, config.num_local_experts
     words = -(-config.max_tokens // 32)
-    return 4 * (W * E + W * L + W * (L + 1) + W * L + E + (W * L + E) * words)
+    return 4 * (W * E + W * L + W * (L + 1) + W * L + E + W + (W * L + E) * words)
 
 
 def low_latency_by_default(config: BufferConfig) -> bool:
