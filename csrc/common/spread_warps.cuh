@@ -2,7 +2,7 @@
 // slices) to warps by one global warp index. Numbered SM-first (the warp within its block
 // times the blocks, plus the block), consecutive items run on different SMs: a few items
 // (small n) then use as many SMs as there are items, instead of all landing on the first
-// block, where one SM's few tens of GB/s of writes set the time.
+// block, where that one SM's writes set the time.
 #pragma once
 
 namespace hep {
