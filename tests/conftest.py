@@ -26,3 +26,14 @@ def one_rank_group():
 
     single_rank_group()
     yield
+
+
+@pytest.fixture(scope="session")
+def nvcc():
+    """The CUDA compiler's path, for the tests that build C++/CUDA sources (skips without it)."""
+    import shutil
+
+    path = shutil.which("nvcc")
+    if path is None:
+        pytest.skip("nvcc not found")
+    return path

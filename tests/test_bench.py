@@ -5,7 +5,6 @@ out; the plot shows every measured series. GPU paths are checked here through th
 argument handling, labels and stand-ins (no GPU on the CI machine)."""
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -365,12 +364,9 @@ def test_stream_barrier_addresses(monkeypatch):
             assert all(memory.get(where, 0) >= value for kind, where, value in ops[s] if kind == "wait")
 
 
-def test_nvlink_ceiling_tool_compiles(tmp_path):
+def test_nvlink_ceiling_tool_compiles(tmp_path, nvcc):
     """benchmarks/nvlink_ceiling.cu (run by `gpu_run.sh ceiling` on GPU machines) still builds
     against csrc/common: compiled here with nvcc, as gpu_run.sh compiles it there."""
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc not found")
     done = subprocess.run([nvcc, "-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-Icsrc",
                            "-Icsrc/include", "benchmarks/nvlink_ceiling.cu", "-o", str(tmp_path / "nvlink_ceiling")],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -429,13 +425,10 @@ def test_breakdown_ranks_timeline(capsys):
     assert "not shown" in capsys.readouterr().out  # rank 1 lost a kernel
 
 
-def test_phase_clock_build_compiles(tmp_path):
+def test_phase_clock_build_compiles(tmp_path, nvcc):
     """The profiling build's sources (cmake -DHEP_PHASE_CLOCK=ON: the marks of
     csrc/common/phase_clock.cuh and hep_phase_clock_read) still compile; benchmarks/
     phase_clock.py runs it on GPU machines only."""
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc not found")
     flags = ["-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "--expt-relaxed-constexpr",
              "-DHEP_PHASE_CLOCK=1", "-Icsrc", "-Icsrc/include"]
     sources = ["csrc/kernels/ll_dispatch.cu", "csrc/kernels/combine.cu", "csrc/api.cpp"]

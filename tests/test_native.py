@@ -2,7 +2,6 @@
 
 import ctypes
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -113,14 +112,11 @@ int main(int argc, char** argv) {
 """
 
 
-def test_low_latency_plan_tables_match_python(tmp_path):
+def test_low_latency_plan_tables_match_python(tmp_path, nvcc):
     """backends/cuda.py decides whether a buffer gets the low-latency path by default from its
     own copy of the receive's shared-memory size; the kernels' header computes it, compiled here."""
     from hybrid_ep_infer.backends.cuda import low_latency_plan_table_bytes
 
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc not found")
     root = Path(__file__).resolve().parent.parent
     (tmp_path / "probe.cu").write_text(PLAN_TABLE_PROBE)
     built = subprocess.run([nvcc, "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-Icsrc", "-Icsrc/include",
